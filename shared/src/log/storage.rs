@@ -1,0 +1,169 @@
+//! The storage seam under the log: the few file operations it needs, a real implementation on
+//! `std::fs`, and (in [`super::sim`]) one that simulates power loss and full disks.
+//!
+//! Every path is absolute or relative to the process; implementations add no prefix.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A file opened for appending, the active segment.
+pub trait AppendFile: Send + std::fmt::Debug {
+    /// Writes all of `data` at the end. On error some prefix of it may have been written.
+    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Makes everything written so far durable (fsync / fdatasync).
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file to `len` bytes.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// A file opened for positional reads.
+pub trait ReadFile: Send + Sync + std::fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `pos`; returns how many (0 at the end).
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// The file system as the log sees it.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Creates `dir` and its parents (durably: new directories are fsynced into their parent).
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// File names (not paths) in `dir`.
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Opens `path` for appending, creating it empty if missing.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Opens `path` for reading.
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn ReadFile>>;
+    /// Creates or replaces `path` with `data` and fsyncs the file (not the directory).
+    fn write_file_synced(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Renames `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// Reads all of `path` through `storage`.
+pub fn read_all(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
+    let f = storage.open_read(path)?;
+    let len = f.len()?;
+    let len = usize::try_from(len).map_err(|_| io::Error::other("file larger than memory"))?;
+    let mut buf = vec![0; len];
+    let n = read_full_at(f.as_ref(), 0, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Reads into `buf` at `pos` until it is full or the file ends; returns the bytes read.
+pub fn read_full_at(f: &dyn ReadFile, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(pos + done as u64, &mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+#[derive(Debug)]
+struct FsFile(File);
+
+impl AppendFile for FsFile {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.0.write_all(data)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl ReadFile for FsFile {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_at(buf, pos)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+impl Storage for FsStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        // Find the first missing ancestor, create the chain, then fsync each new entry's parent.
+        let mut missing: Vec<PathBuf> = Vec::new();
+        let mut at = Some(dir);
+        while let Some(d) = at {
+            if d.as_os_str().is_empty() || d.exists() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            at = d.parent();
+        }
+        fs::create_dir_all(dir)?;
+        for d in missing.iter().rev() {
+            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                self.sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Box::new(FsFile(f)))
+    }
+
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn ReadFile>> {
+        Ok(Box::new(FsFile(File::open(path)?)))
+    }
+
+    fn write_file_synced(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let mut f = File::create(path)?;
+        f.write_all(data)?;
+        f.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}

@@ -1,0 +1,1 @@
+//! `log verify`: a read-only check of a data directory's logs, for operators.

@@ -7,9 +7,11 @@
 //!   ([`log::storage`]) with a power-loss simulator ([`log::sim`]).
 //! - [`fuzzing`]: bodies of the fuzz targets, also run by proptest in CI.
 //! - [`ndjson`]: the NDJSON record view that `log dump` and the read API print.
+//! - [`synth`]: seeded generators of realistic CDRs and sensor readings, for benches and loadgen.
 
 pub mod batch;
 pub mod fuzzing;
 pub mod ids;
 pub mod log;
 pub mod ndjson;
+pub mod synth;

@@ -1,0 +1,1 @@
+//! Seeded generators of realistic payloads: JSON CDRs and SenML sensor readings.

@@ -158,8 +158,13 @@ pub struct Problem {
 pub enum ProblemKind {
     /// A torn tail after the last whole batch (normal after power loss); truncated on open.
     TornTail,
-    /// Damaged bytes with good batches after them: skipped. This is corruption.
+    /// Damaged bytes with good batches after them, which an fsync had covered: skipped.
+    /// This is corruption.
     Damage,
+    /// Damaged bytes with good batches after them that no fsync is known to have covered: a
+    /// group of unacknowledged writes torn by power loss. Skipped; the offsets are a hole
+    /// nobody was promised.
+    TornWrite,
     /// An index file missing or unusable; rebuilt.
     IndexRebuilt,
     /// Offsets missing between two segments or around damage.
@@ -264,12 +269,23 @@ struct Segment {
     entries: Vec<IndexEntry>,
     /// Frame bytes appended since the last index entry.
     since_index: u64,
+    /// Bytes of the segment known durable (maintained for the active segment).
+    synced_len: u64,
     reader: Option<Box<dyn ReadFile>>,
 }
 
 impl Segment {
     fn empty(base: Offset) -> Self {
-        Segment { base, end: base, len: 0, ts_range: None, entries: Vec::new(), since_index: 0, reader: None }
+        Segment {
+            base,
+            end: base,
+            len: 0,
+            ts_range: None,
+            entries: Vec::new(),
+            since_index: 0,
+            synced_len: 0,
+            reader: None,
+        }
     }
 
     fn from_scan(base: Offset, frames: &[FrameInfo], len: u64, interval: u64) -> Self {
@@ -278,6 +294,7 @@ impl Segment {
             s.note_frame(f, interval);
         }
         s.len = len;
+        s.synced_len = len;
         s
     }
 
@@ -289,6 +306,7 @@ impl Segment {
             ts_range: idx.ts_range,
             entries: idx.entries,
             since_index: 0,
+            synced_len: idx.segment_len,
             reader: None,
         }
     }
@@ -406,6 +424,15 @@ impl Log {
             log.active = Some(file);
         }
         log.durable = log.next_offset();
+        let torn_active = log
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::TornWrite && p.file == log.segment_path(log.active_segment().base));
+        if torn_active && !config.read_only {
+            // Frames appended after a torn write would vouch (by their synced length) for the
+            // torn bytes, turning them into "corruption" at the next open: close the segment.
+            log.roll(now_ms)?;
+        }
         Ok(log)
     }
 
@@ -425,8 +452,9 @@ impl Log {
         self.maybe_roll(frame_len, now_ms)?;
 
         self.frame_buf.clear();
-        segment::encode_frame(offset, bytes, &mut self.frame_buf);
         let seg = self.segments.last().expect("a log always has an active segment");
+        let synced_len = if self.durable >= seg.end { seg.len } else { seg.synced_len };
+        segment::encode_frame(offset, synced_len, bytes, &mut self.frame_buf);
         let (pos, path) = (seg.len, self.segment_path(seg.base));
         let file = self.active.as_mut().expect("writable log has an active file");
         if let Err(source) = file.append(&self.frame_buf) {
@@ -444,6 +472,7 @@ impl Log {
             count: h.record_count,
             min_ts_ms: h.min_ts_ms,
             max_ts_ms: h.max_ts_ms,
+            synced_len,
         };
         let interval = self.config.index_interval_bytes;
         self.segments.last_mut().expect("active segment").note_frame(&info, interval);
@@ -467,6 +496,8 @@ impl Log {
             return Err(LogError::Io { op: "fsync", path, source });
         }
         self.durable = next;
+        let seg = self.segments.last_mut().expect("active segment");
+        seg.synced_len = seg.len;
         Ok(next)
     }
 
@@ -693,7 +724,8 @@ impl Log {
             let before = scan.frames.iter().take_while(|f| f.pos < d.pos).last().map_or(base, FrameInfo::end);
             let after = scan.frames.iter().find(|f| f.pos > d.pos).map_or(before, |f| f.offset);
             let detail = format!("{} bytes skipped ({}); offsets [{before}, {after}) unreadable", d.len, d.reason);
-            self.problem(base, d.pos, ProblemKind::Damage, detail);
+            let kind = if d.was_synced { ProblemKind::Damage } else { ProblemKind::TornWrite };
+            self.problem(base, d.pos, kind, detail);
         }
         let seg = Segment::from_scan(base, &scan.frames, scan.valid_len, self.config.index_interval_bytes);
         if scan.valid_len < n as u64 {
@@ -763,8 +795,12 @@ impl Log {
         if !(full || aged) {
             return Ok(());
         }
-        // The closing segment is made durable before the next exists, so only the last
-        // segment can ever have a torn tail.
+        self.roll(now_ms)
+    }
+
+    /// Closes the active segment and opens the next. The closing segment is made durable
+    /// before the next exists, so only the last segment can ever have a torn tail.
+    fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
         self.sync()?;
         self.write_index(self.active_segment());
         let base = self.next_offset();
@@ -822,7 +858,7 @@ impl Log {
         if read_full_at(file, pos, &mut head).map_err(io)? < FRAME_HEADER_LEN {
             return Ok(Err("segment shorter than its recorded length".into()));
         }
-        let batch_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as u64;
+        let batch_len = segment::frame_batch_len(&head) as u64;
         let frame_len = (FRAME_HEADER_LEN as u64 + batch_len).min(seg_len - pos);
         let mut buf = vec![0u8; frame_len as usize];
         let n = read_full_at(file, pos, &mut buf).map_err(io)?;
@@ -874,28 +910,34 @@ impl Log {
                 }
                 Err(reason) => {
                     // Damage: find the next good frame in the rest of the segment.
-                    let Some(next_pos) = self.resync_from(si, pos, expected)? else {
-                        let base = self.segments[si].base;
-                        let detail = format!("no readable batch after this point ({reason})");
-                        self.problem(base, pos, ProblemKind::Damage, detail);
-                        out.damage.push(self.problems.last().expect("just pushed").clone());
-                        return Ok(true);
+                    let next = self.resync_from(si, pos, expected)?;
+                    let (detail, kind) = match next {
+                        Some((next, kind)) => (format!("{} bytes skipped ({reason})", next - pos), kind),
+                        None => (format!("no readable batch after this point ({reason})"), ProblemKind::Damage),
                     };
-                    let base = self.segments[si].base;
-                    self.problem(
-                        base,
-                        pos,
-                        ProblemKind::Damage,
-                        format!("{} bytes skipped ({reason})", next_pos - pos),
-                    );
-                    out.damage.push(self.problems.last().expect("just pushed").clone());
-                    pos = next_pos;
+                    out.damage.push(self.known_problem(si, pos, kind, detail));
+                    match next {
+                        Some((next, _)) => pos = next,
+                        None => return Ok(true),
+                    }
                 }
             }
         }
     }
 
-    fn resync_from(&mut self, si: usize, pos: u64, expected: Offset) -> Result<Option<u64>, LogError> {
+    /// The problem already recorded at `pos` of segment `si`, or a new one.
+    fn known_problem(&mut self, si: usize, pos: u64, kind: ProblemKind, detail: String) -> Problem {
+        let file = self.segment_path(self.segments[si].base);
+        if let Some(p) = self.problems.iter().find(|p| p.file == file && p.pos == pos) {
+            return p.clone();
+        }
+        self.problem(self.segments[si].base, pos, kind, detail);
+        self.problems.last().expect("just pushed").clone()
+    }
+
+    /// The position of the next good frame after damage at `pos`, and what kind of damage it
+    /// is; `None` if no good frame follows.
+    fn resync_from(&mut self, si: usize, pos: u64, expected: Offset) -> Result<Option<(u64, ProblemKind)>, LogError> {
         let seg_len = self.segments[si].len;
         let path = self.segment_path(self.segments[si].base);
         let limits = self.config.batch_limits;
@@ -903,6 +945,13 @@ impl Log {
         let mut rest = vec![0u8; (seg_len - pos) as usize];
         let n = read_full_at(file, pos, &mut rest).map_err(|source| LogError::Io { op: "read", path, source })?;
         rest.truncate(n);
-        Ok(segment::resync(&rest, 1, expected, &limits).map(|p| pos + p as u64))
+        // Classify as recovery does: scan the rest, with the damage at its start.
+        let scan = segment::scan(&rest, expected, &limits);
+        Ok(scan.damage.first().filter(|d| d.pos == 0).map(|d| {
+            // Synced lengths are positions in the whole segment, not in `rest`.
+            let was_synced = scan.frames.iter().any(|f| f.synced_len > pos);
+            let kind = if was_synced { ProblemKind::Damage } else { ProblemKind::TornWrite };
+            (pos + d.len, kind)
+        }))
     }
 }

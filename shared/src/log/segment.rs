@@ -8,9 +8,10 @@
 //! off  len  field
 //!   0    4  magic "BHLF"
 //!   4    8  base offset of the batch in this log (u64 LE)
-//!  12    4  batch length N (u32 LE)
-//!  16    4  CRC-32C of bytes 0..16
-//!  20    N  the batch, exactly as encoded (it has its own header and body CRCs)
+//!  12    8  synced length: bytes of this segment known durable when the frame was written
+//!  20    4  batch length N (u32 LE)
+//!  24    4  CRC-32C of bytes 0..24
+//!  28    N  the batch, exactly as encoded (it has its own header and body CRCs)
 //! ```
 //!
 //! A batch occupies offsets `[base, base + record_count)`; a gap batch occupies the seqs it
@@ -18,8 +19,12 @@
 //!
 //! Scanning keeps every frame whose three CRCs hold and whose offsets follow the previous
 //! frame's. After a bad frame it resynchronises on the next frame magic whose frame and batch
-//! check out: damage followed by good frames is corruption (reported, skipped); damage with no
-//! good frame after it is a torn tail (recovery truncates it).
+//! check out: damage followed by good frames is skipped and reported; damage with no good frame
+//! after it is a torn tail (recovery truncates it). The synced length tells the two kinds of
+//! skipped damage apart: if no good frame after the damage was written once the damaged bytes
+//! were known durable, a power cut may have torn them before any fsync covered them (a torn
+//! write, normal under group commit); otherwise an fsync had covered them and they rotted
+//! afterwards (corruption).
 
 use bytes::BufMut;
 
@@ -29,7 +34,7 @@ use crate::ids::Offset;
 /// First four bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"BHLF";
 /// Bytes of a frame header.
-pub const FRAME_HEADER_LEN: usize = 20;
+pub const FRAME_HEADER_LEN: usize = 28;
 
 /// A frame found by a scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +51,8 @@ pub struct FrameInfo {
     pub min_ts_ms: i64,
     /// Event-time range of the batch.
     pub max_ts_ms: i64,
+    /// Bytes of the segment known durable when this frame was written.
+    pub synced_len: u64,
 }
 
 impl FrameInfo {
@@ -64,6 +71,9 @@ pub struct Damage {
     pub len: u64,
     /// What was wrong with the first bad frame.
     pub reason: String,
+    /// Whether an fsync is known to have covered the damaged bytes (see the module doc):
+    /// `true` is corruption, `false` a write torn by power loss before its fsync.
+    pub was_synced: bool,
 }
 
 /// What a scan of a segment's bytes found.
@@ -80,13 +90,14 @@ pub struct Scan {
 }
 
 /// Appends the frame of `batch` at `offset` to `out`.
-pub fn encode_frame(offset: Offset, batch: &[u8], out: &mut impl BufMut) {
+pub fn encode_frame(offset: Offset, synced_len: u64, batch: &[u8], out: &mut impl BufMut) {
     let mut head = [0u8; FRAME_HEADER_LEN];
     head[..4].copy_from_slice(&FRAME_MAGIC);
     head[4..12].copy_from_slice(&offset.0.to_le_bytes());
-    head[12..16].copy_from_slice(&(batch.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c(&head[..16]);
-    head[16..20].copy_from_slice(&crc.to_le_bytes());
+    head[12..20].copy_from_slice(&synced_len.to_le_bytes());
+    head[20..24].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&head[..24]);
+    head[24..28].copy_from_slice(&crc.to_le_bytes());
     out.put_slice(&head);
     out.put_slice(batch);
 }
@@ -100,12 +111,12 @@ pub fn decode_frame(buf: &[u8], limits: &BatchLimits) -> Result<Option<(Offset, 
     if buf.len() < FRAME_HEADER_LEN {
         return Ok(None);
     }
-    let stored = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&buf[..16]) != stored {
+    let stored = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&buf[..24]) != stored {
         return Err("frame header CRC mismatch".into());
     }
     let offset = Offset(u64::from_le_bytes(buf[4..12].try_into().expect("8 bytes")));
-    let batch_len = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes")) as usize;
+    let batch_len = frame_batch_len(buf);
     let max = limits.body_bytes_max as usize + crate::batch::HEADER_LEN_MAX;
     if batch_len > max {
         return Err(format!("frame batch length {batch_len} above {max}"));
@@ -126,6 +137,11 @@ pub fn decode_frame(buf: &[u8], limits: &BatchLimits) -> Result<Option<(Offset, 
     }
 }
 
+/// The batch length field of a frame header (`head` holds at least [`FRAME_HEADER_LEN`] bytes).
+pub fn frame_batch_len(head: &[u8]) -> usize {
+    u32::from_le_bytes(head[20..24].try_into().expect("4 bytes")) as usize
+}
+
 /// Scans a whole segment whose first offset is `base`.
 pub fn scan(buf: &[u8], base: Offset, limits: &BatchLimits) -> Scan {
     let mut out = Scan::default();
@@ -141,7 +157,7 @@ pub fn scan(buf: &[u8], base: Offset, limits: &BatchLimits) -> Scan {
             }
             Err(reason) => match resync(buf, pos + 1, expected, limits) {
                 Some(next) => {
-                    out.damage.push(Damage { pos: pos as u64, len: (next - pos) as u64, reason });
+                    out.damage.push(Damage { pos: pos as u64, len: (next - pos) as u64, reason, was_synced: false });
                     pos = next;
                 }
                 None => {
@@ -150,6 +166,9 @@ pub fn scan(buf: &[u8], base: Offset, limits: &BatchLimits) -> Scan {
                 }
             },
         }
+    }
+    for d in &mut out.damage {
+        d.was_synced = out.frames.iter().any(|f| f.pos > d.pos && f.synced_len > d.pos);
     }
     out
 }
@@ -168,6 +187,7 @@ pub fn frame_at(buf: &[u8], pos: usize, expected: Offset, limits: &BatchLimits) 
             count: header.record_count,
             min_ts_ms: header.min_ts_ms,
             max_ts_ms: header.max_ts_ms,
+            synced_len: u64::from_le_bytes(buf[pos + 12..pos + 20].try_into().expect("8 bytes")),
         }),
     }
 }
@@ -212,7 +232,7 @@ mod tests {
     fn segment(batches: &[(u64, usize)]) -> Vec<u8> {
         let mut out = Vec::new();
         for &(off, n) in batches {
-            encode_frame(Offset(off), &batch(off, n), &mut out);
+            encode_frame(Offset(off), out.len() as u64, &batch(off, n), &mut out);
         }
         out
     }

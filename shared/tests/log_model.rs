@@ -246,3 +246,33 @@ fn model_always_policy_survives_power_loss() {
         run(seed, FsyncPolicy::Always, 200);
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// The `log_recovery` fuzz target's body on arbitrary bytes.
+    #[test]
+    fn recovery_of_arbitrary_bytes(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+        shared::fuzzing::log_recovery(&data);
+    }
+
+    /// ... and on real segments with arbitrary damage, which reaches deeper than noise.
+    #[test]
+    fn recovery_of_damaged_segments(seed in 0u64..u64::MAX, edits in proptest::collection::vec((0usize..1 << 16, proptest::prelude::any::<u8>()), 0..8), cut in 0usize..1 << 16) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut ts = 0;
+        let mut seg = Vec::new();
+        let mut offset = 0u64;
+        for _ in 0..rng.gen_range(1..6) {
+            let b = make_batch(&mut rng, &mut ts);
+            shared::log::segment::encode_frame(Offset(offset), seg.len() as u64, b.bytes(), &mut seg);
+            offset += u64::from(b.header().record_count);
+        }
+        for (at, v) in edits {
+            let i = at % seg.len();
+            seg[i] = v;
+        }
+        seg.truncate(seg.len() - cut % (seg.len() / 2 + 1));
+        shared::fuzzing::log_recovery(&seg);
+    }
+}

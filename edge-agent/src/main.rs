@@ -1,1 +1,56 @@
-fn main() {}
+//! `edge-agent`: parse the command line, start tracing on stderr, run the command.
+//! Exit status: 0 done, 1 corruption found, 2 usage or I/O error.
+
+use std::io::{self, BufWriter, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use edge_agent::cli::{Cli, Command};
+use edge_agent::logcmd::Outcome;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(error) => {
+            // Best effort: if stderr is gone too there is no one left to tell.
+            let _ = writeln!(io::stderr(), "edge-agent: {}", message(&error));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<Outcome> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(&cli.command)));
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(filter)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("starting tracing")?;
+    let mut out = BufWriter::new(io::stdout().lock());
+    Ok(edge_agent::run(&cli.command, &mut out, &mut io::stderr())?)
+}
+
+/// Tracing directives when `RUST_LOG` is not set.
+fn default_filter(command: &Command) -> &'static str {
+    match command {
+        // The log tools print every problem themselves, in their own format; the log's own
+        // recovery messages would say each one twice.
+        Command::Log(_) => "warn,shared::log=off",
+    }
+}
+
+/// The error and its causes, each cause once: the libraries' errors already print their
+/// source, which `{:#}` would repeat.
+fn message(error: &anyhow::Error) -> String {
+    let mut msg = error.to_string();
+    for cause in error.chain().skip(1).map(ToString::to_string) {
+        if !msg.contains(&cause) {
+            msg = format!("{msg}: {cause}");
+        }
+    }
+    msg
+}

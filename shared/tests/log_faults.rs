@@ -405,3 +405,47 @@ fn read_only_open_changes_nothing() {
     let missing = Log::open(Arc::new(FsStorage), &tmp.path().join("nope"), ro, 0).unwrap();
     assert_eq!(missing.next_offset(), Offset(0));
 }
+
+#[test]
+fn drop_oldest_replaces_a_segment_with_its_gap_atomically() {
+    for seed in 0..40 {
+        let sim = SimStorage::new();
+        let dir = Path::new("/d/cdr");
+        let mut log = Log::open(Arc::new(sim.clone()), dir, config(), 0).unwrap();
+        fill(&mut log, 20);
+        let victim = log.segments()[0].clone();
+        let meta = BatchMeta {
+            producer: "edge-7".into(),
+            epoch: Epoch(42),
+            stream: "cdr".into(),
+            base_seq: Seq(victim.base.0),
+            payload_format: PayloadFormat::Json,
+        };
+        let mut out = BytesMut::new();
+        let count = (victim.end.0 - victim.base.0) as u32;
+        shared::batch::encode_gap(&meta, count, GapReason::DiskFullDropOldest, victim.ts_range.unwrap(), &mut out)
+            .unwrap();
+        let gap = Batch::from_bytes(out.freeze(), &BatchLimits::default()).unwrap();
+        // A gap of the wrong size is refused.
+        let mut bad = BytesMut::new();
+        shared::batch::encode_gap(&meta, count + 1, GapReason::DiskFullDropOldest, (0, 0), &mut bad).unwrap();
+        let bad = Batch::from_bytes(bad.freeze(), &BatchLimits::default()).unwrap();
+        assert!(log.replace_segment_with_gap(victim.base, &bad).is_err());
+
+        let used = sim.used_bytes();
+        log.replace_segment_with_gap(victim.base, &gap).unwrap();
+        assert!(sim.used_bytes() < used, "space reclaimed");
+        let r = log.read(victim.base, 1).unwrap();
+        assert!(r.batches[0].batch.header().is_gap());
+        assert_eq!((r.batches[0].offset, r.next), (victim.base, victim.end));
+        // Power loss right after: the data or the gap, never neither, and never damage.
+        sim.crash(seed);
+        let mut log = Log::open(Arc::new(sim.clone()), dir, config(), 0).unwrap();
+        let first = log.read(victim.base, 1).unwrap();
+        assert_eq!(first.batches[0].offset, victim.base, "seed {seed}");
+        assert!(first.damage.is_empty(), "seed {seed}");
+        let (offsets, damage) = read_all(&mut log);
+        assert!(damage.is_empty());
+        assert_eq!(offsets.last(), Some(&76), "seed {seed}");
+    }
+}

@@ -14,7 +14,8 @@
 
 use crate::ids::Offset;
 
-const ENTRY_LEN: usize = 24;
+/// Bytes of one index entry.
+pub const ENTRY_LEN: usize = 24;
 const TRAILER_LEN: usize = 44;
 const MAGIC: [u8; 4] = *b"BHIX";
 

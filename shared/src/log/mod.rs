@@ -250,7 +250,8 @@ pub fn segment_file_name(base: Offset) -> String {
     format!("{:020}.log", base.0)
 }
 
-fn index_file_name(base: Offset) -> String {
+/// File name of the index of the segment starting at `base`.
+pub fn index_file_name(base: Offset) -> String {
     format!("{:020}.idx", base.0)
 }
 
@@ -594,6 +595,55 @@ impl Log {
         Ok(Some(removed))
     }
 
+    /// The `drop_oldest` full policy without a silent gap: atomically replaces the closed
+    /// segment starting at `base` with one holding only `gap`, a gap batch covering exactly
+    /// the segment's offsets (on the edge, its seqs). The gap is fsynced before the data goes
+    /// (temp file, fsync, rename, directory fsync), so a crash leaves either the data or the
+    /// gap, never neither. Returns the segment as it was.
+    pub fn replace_segment_with_gap(&mut self, base: Offset, gap: &Batch) -> Result<SegmentSummary, LogError> {
+        self.check_writable()?;
+        let last = self.segments.len() - 1;
+        let si = self.segments[..last]
+            .iter()
+            .position(|s| s.base == base)
+            .ok_or_else(|| LogError::BatchRefused(format!("no closed segment starts at {base}")))?;
+        let (seg_base, seg_end) = (self.segments[si].base, self.segments[si].end);
+        let h = gap.header();
+        if !h.is_gap() || u64::from(h.record_count) != seg_end.0 - seg_base.0 {
+            return Err(LogError::BatchRefused(format!(
+                "a gap covering [{seg_base}, {seg_end}) is needed, got {} offsets (gap: {})",
+                h.record_count,
+                h.is_gap()
+            )));
+        }
+        let before = self.segments[si].summary(&self.dir);
+        let mut frame = Vec::new();
+        segment::encode_frame(seg_base, 0, gap.bytes(), &mut frame);
+        let path = self.segment_path(seg_base);
+        let tmp = self.dir.join(format!("{}.tmp", segment_file_name(seg_base)));
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LogError::Io { op, path, source }
+        };
+        self.storage.write_file_synced(&tmp, &frame).map_err(io("write", &tmp))?;
+        self.storage.rename(&tmp, &path).map_err(io("rename", &tmp))?;
+        let info = FrameInfo {
+            pos: 0,
+            len: frame.len() as u64,
+            offset: seg_base,
+            count: h.record_count,
+            min_ts_ms: h.min_ts_ms,
+            max_ts_ms: h.max_ts_ms,
+            synced_len: 0,
+        };
+        let mut replaced = Segment::empty(seg_base);
+        replaced.note_frame(&info, self.config.index_interval_bytes);
+        self.write_index(&replaced);
+        self.sync_dir()?;
+        self.segments[si] = replaced;
+        Ok(before)
+    }
+
     /// First offset still held.
     pub fn start_offset(&self) -> Offset {
         self.segments.first().map_or(self.config.initial_offset, |s| s.base)
@@ -687,7 +737,7 @@ impl Log {
                 .strip_suffix(".idx")
                 .and_then(|d| d.parse::<u64>().ok())
                 .is_some_and(|b| !bases.contains(&Offset(b)));
-            if name.ends_with(".idx.tmp") || orphan_index {
+            if name.ends_with(".idx.tmp") || name.ends_with(".log.tmp") || orphan_index {
                 let path = self.dir.join(name);
                 self.storage.remove_file(&path).map_err(|source| LogError::Io { op: "remove", path, source })?;
             }

@@ -1,0 +1,90 @@
+//! The command line. Only commands that work are here; the agent's service mode comes with
+//! its config.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The edge agent's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Backhaul edge agent: keeps telemetry from MQTT devices in a crash-safe local log and \
+             forwards it to core-ingest over QUIC. This build has the offline log tools only.",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect the logs of a data directory; read-only, safe while an agent writes to it.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+/// `edge-agent log …`
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Scan every segment of every stream and report what is wrong, with file and byte offset.
+    #[command(after_help = "Exit status: 0 no corruption (torn tails and missing indexes are normal after a \
+                            power cut), 1 corruption found, 2 usage or I/O error.")]
+    Verify(VerifyArgs),
+    /// Print a stream's records as NDJSON: stream, seq, ts, topic, payload or payload_b64, attrs.
+    #[command(after_help = "Gap batches and damaged ranges print no records; they are reported on stderr. \
+                            Exit status: 0 done (also when stdout closes early), 1 corruption met, 2 usage \
+                            or I/O error.")]
+    Dump(DumpArgs),
+}
+
+/// Arguments of `log verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The agent's data directory (streams live in DIR/streams/STREAM/).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Verify only this stream.
+    #[arg(long, value_name = "STREAM", value_parser = stream_name)]
+    pub stream: Option<String>,
+}
+
+/// Arguments of `log dump`.
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// The agent's data directory (streams live in DIR/streams/STREAM/).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The stream to print.
+    #[arg(long, value_name = "STREAM", value_parser = stream_name)]
+    pub stream: String,
+    /// Start at the first record whose seq is at least N.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub from_seq: u64,
+    /// Print at most N records.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+}
+
+fn stream_name(s: &str) -> Result<String, String> {
+    if shared::batch::is_valid_stream_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a stream name is 1 to 64 of a-z 0-9 _ . -".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,67 @@
+//! Backhaul's edge agent: MQTT in, a crash-safe local log per stream, QUIC out to
+//! core-ingest (docs/ARCHITECTURE.md). So far, the operator tools over that log:
+//!
+//! - [`cli`]: the command line (clap derive); `main.rs` parses it and calls [`run`].
+//! - [`logcmd`]: `log verify` and `log dump`, read-only views of a data directory's logs,
+//!   built on [`shared::log`] and [`shared::ndjson`].
+
+pub mod cli;
+pub mod logcmd;
+
+use std::io::Write;
+
+use cli::{Command, LogCommand};
+use logcmd::{CmdError, Outcome};
+
+/// Runs `command`, writing its output to `out` and problems to `err`. A closed `out` (the
+/// reader quit, as `head` does) ends the command with [`Outcome::Clean`].
+pub fn run(command: &Command, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
+    let result = match command {
+        Command::Log(LogCommand::Verify(args)) => logcmd::verify(args, out, err),
+        Command::Log(LogCommand::Dump(args)) => logcmd::dump(args, out, err),
+    };
+    match result {
+        Err(e) if e.is_broken_pipe() => Ok(Outcome::Clean),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::VerifyArgs;
+    use std::io;
+
+    /// Stdout after `| head` has gone.
+    #[derive(Debug)]
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn closed_stdout_ends_the_command_cleanly() {
+        let data = tempfile::tempdir().unwrap();
+        let verify = Command::Log(LogCommand::Verify(VerifyArgs { data_dir: data.path().into(), stream: None }));
+        assert_eq!(run(&verify, &mut ClosedPipe, &mut io::sink()).unwrap(), Outcome::Clean);
+        let mut out = Vec::new();
+        assert_eq!(run(&verify, &mut out, &mut io::sink()).unwrap(), Outcome::Clean);
+        assert!(String::from_utf8(out).unwrap().starts_with("no streams in "));
+    }
+
+    #[test]
+    fn missing_data_dir_is_an_error_naming_it() {
+        let data = tempfile::tempdir().unwrap();
+        let missing = data.path().join("nope");
+        let verify = Command::Log(LogCommand::Verify(VerifyArgs { data_dir: missing.clone(), stream: None }));
+        let e = run(&verify, &mut io::sink(), &mut io::sink()).unwrap_err();
+        assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
+    }
+}

@@ -1,5 +1,4 @@
-//! The command line. Only commands that work are here; the agent's service mode comes with
-//! its config.
+//! The command line. `main.rs` parses it; [`crate::run_command`] runs it.
 
 use std::path::PathBuf;
 
@@ -10,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "edge-agent",
     version,
-    about = "Backhaul edge agent: keeps telemetry from MQTT devices in a crash-safe local log and \
-             forwards it to core-ingest over QUIC. This build has the offline log tools only.",
+    about = "Backhaul edge agent: takes telemetry from MQTT into a crash-safe local log, acknowledging \
+             each message only once it is durable. Forwarding to core-ingest over QUIC is not built yet.",
     arg_required_else_help = true
 )]
 pub struct Cli {
@@ -23,6 +22,12 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent: subscribe to the broker, log every message durably, then acknowledge it.
+    Run(ConfigArgs),
+    /// Check a config file and print every problem with its key; exit 1 if there is any.
+    Validate(ConfigArgs),
+    /// Ask a running agent (at its admin.listen) how it is doing.
+    Status(ConfigArgs),
     /// Inspect the logs of a data directory; read-only, safe while an agent writes to it.
     #[command(subcommand)]
     Log(LogCommand),
@@ -40,6 +45,14 @@ pub enum LogCommand {
                             Exit status: 0 done (also when stdout closes early), 1 corruption met, 2 usage \
                             or I/O error.")]
     Dump(DumpArgs),
+}
+
+/// Arguments of the commands that read the config.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The TOML config (see deploy/edge-agent.example.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 /// Arguments of `log verify`.

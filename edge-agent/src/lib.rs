@@ -1,12 +1,30 @@
-//! Backhaul's edge agent: MQTT in, a crash-safe local log per stream, QUIC out to
-//! core-ingest (docs/ARCHITECTURE.md). So far, the operator tools over that log:
+//! Backhaul's edge agent: MQTT in, a crash-safe local log per stream, PUBACK only once a
+//! message is durable (docs/ARCHITECTURE.md). Forwarding to core-ingest comes next.
 //!
-//! - [`cli`]: the command line (clap derive); `main.rs` parses it and calls [`run`].
-//! - [`logcmd`]: `log verify` and `log dump`, read-only views of a data directory's logs,
-//!   built on [`shared::log`] and [`shared::ndjson`].
+//! - [`cli`]: the command line (clap derive); `main.rs` parses it and runs the command.
+//! - [`config`]: the TOML config, parsed strictly and validated with key and reason.
+//! - [`identity`]: the data directory's producer epoch.
+//! - [`route`]: MQTT topic filters to streams (pure).
+//! - [`ingest`]: the broker connections: [`ingest::session`] (pure ack bookkeeping) and
+//!   [`ingest::driver`] (rumqttc).
+//! - [`writer`]: batches, logs, fsyncs, disk budget, and which PUBACKs may leave.
+//! - [`run`]: wires the above into the running agent.
+//! - [`metrics`]: every metric, declared once; Prometheus text exposition.
+//! - [`admin`]: the admin endpoint: /metrics, /healthz, /readyz.
+//! - [`status`]: `edge-agent status`, a summary from a running agent's admin endpoint.
+//! - [`logcmd`]: `log verify` and `log dump`, read-only views of a data directory's logs.
 
+pub mod admin;
 pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod ingest;
 pub mod logcmd;
+pub mod metrics;
+pub mod route;
+pub mod run;
+pub mod status;
+pub mod writer;
 
 use std::io::Write;
 
@@ -19,6 +37,9 @@ pub fn run(command: &Command, out: &mut dyn Write, err: &mut dyn Write) -> Resul
     let result = match command {
         Command::Log(LogCommand::Verify(args)) => logcmd::verify(args, out, err),
         Command::Log(LogCommand::Dump(args)) => logcmd::dump(args, out, err),
+        Command::Run(_) | Command::Validate(_) | Command::Status(_) => {
+            unreachable!("main.rs runs the service commands itself")
+        }
     };
     match result {
         Err(e) if e.is_broken_pipe() => Ok(Outcome::Clean),

@@ -1,5 +1,6 @@
 //! `edge-agent`: parse the command line, start tracing on stderr, run the command.
-//! Exit status: 0 done, 1 corruption found, 2 usage or I/O error.
+//! Exit status: 0 done, 1 corruption found (or an invalid config for `validate`), 2 usage,
+//! config or I/O error.
 
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use edge_agent::cli::{Cli, Command};
+use edge_agent::config::Config;
 use edge_agent::logcmd::Outcome;
 use tracing_subscriber::EnvFilter;
 
@@ -31,7 +33,46 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         .map_err(|e| anyhow::anyhow!(e))
         .context("starting tracing")?;
     let mut out = BufWriter::new(io::stdout().lock());
-    Ok(edge_agent::run(&cli.command, &mut out, &mut io::stderr())?)
+    match &cli.command {
+        Command::Run(args) => {
+            let config = Config::load(&args.config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+            runtime.block_on(edge_agent::run::run(config, shutdown_signal()))?;
+            Ok(Outcome::Clean)
+        }
+        Command::Validate(args) => match Config::load(&args.config) {
+            Ok(c) => {
+                writeln!(
+                    out,
+                    "{}: ok ({} streams, {} broker connections)",
+                    args.config.display(),
+                    c.streams.len(),
+                    c.brokers.len()
+                )?;
+                Ok(Outcome::Clean)
+            }
+            Err(e) => {
+                writeln!(out, "{e}")?;
+                Ok(Outcome::Corruption)
+            }
+        },
+        Command::Status(args) => {
+            let config = Config::load(&args.config)?;
+            edge_agent::status::status(config.admin.listen, &mut out)?;
+            Ok(Outcome::Clean)
+        }
+        Command::Log(_) => Ok(edge_agent::run(&cli.command, &mut out, &mut io::stderr())?),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// Tracing directives when `RUST_LOG` is not set.
@@ -40,6 +81,7 @@ fn default_filter(command: &Command) -> &'static str {
         // The log tools print every problem themselves, in their own format; the log's own
         // recovery messages would say each one twice.
         Command::Log(_) => "warn,shared::log=off",
+        _ => "info",
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`fuzzing`]: bodies of the fuzz targets, also run by proptest in CI.
 //! - [`ndjson`]: the NDJSON record view that `log dump` and the read API print.
 //! - [`synth`]: seeded generators of realistic CDRs and sensor readings, for benches and loadgen.
+//! - [`units`]: byte sizes and durations as config values.
 
 pub mod batch;
 pub mod fuzzing;
@@ -15,3 +16,4 @@ pub mod ids;
 pub mod log;
 pub mod ndjson;
 pub mod synth;
+pub mod units;

@@ -1,0 +1,572 @@
+//! The agent's TOML config: parsed strictly (unknown keys are errors), then validated as a
+//! whole so an operator learns every mistake at start, each with its key and the reason.
+//! `deploy/edge-agent.example.toml` documents every field; a test loads it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use shared::batch::{BatchLimits, is_valid_stream_name};
+use shared::units::{ByteSize, Millis};
+
+/// Name of the stream that holds records that could not be taken as they are.
+pub const DEADLETTER_STREAM: &str = "_deadletter";
+
+/// The whole config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This edge's id: the producer of every batch. At the core it must equal the id in the
+    /// edge's client certificate.
+    pub edge_id: String,
+    /// Where the logs and the identity live. Created on first start.
+    pub data_dir: PathBuf,
+    /// The admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Disk use over all streams.
+    #[serde(default)]
+    pub disk: DiskConfig,
+    /// Broker connections of subscribe mode, each with its subscriptions.
+    #[serde(default, rename = "broker")]
+    pub brokers: Vec<BrokerConfig>,
+    /// Ordered routing rules: the first whose filter matches a topic names its stream.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// What happens to topics no rule matches.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Streams by name (`[streams.cdr]`). `_deadletter` exists even when not listed.
+    #[serde(default)]
+    pub streams: BTreeMap<String, StreamConfig>,
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address. Loopback by default: the metrics name topics and streams.
+    #[serde(default = "AdminConfig::default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl AdminConfig {
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9464))
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: Self::default_listen() }
+    }
+}
+
+/// `[disk]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Most bytes all stream logs together may hold; past it each stream's `full_policy`
+    /// applies. Unset: only the per-stream budgets (and the file system) bound it.
+    pub budget_bytes: Option<ByteSize>,
+}
+
+/// MQTT protocol version towards the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// `[[broker]]`: one connection to the gateway's broker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Name of the connection in logs and metrics.
+    pub name: String,
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// `"3.1.1"` or `"5"`.
+    #[serde(default = "BrokerConfig::default_protocol")]
+    pub protocol: MqttVersion,
+    /// Client id; stable, so the broker keeps the session across restarts. Default
+    /// `backhaul-<edge_id>-<name>`.
+    pub client_id: Option<String>,
+    /// User name.
+    pub username: Option<String>,
+    /// Name of the environment variable that holds the password (never the password itself).
+    pub password_env: Option<String>,
+    /// CA certificate (PEM) that signed the broker's certificate, for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    /// Keep-alive interval.
+    #[serde(default = "BrokerConfig::default_keep_alive")]
+    pub keep_alive: Millis,
+    /// How long the broker keeps the session while the agent is away (MQTT 5); MQTT 3.1.1
+    /// sessions persist until the broker's own `persistent_client_expiration`.
+    #[serde(default = "BrokerConfig::default_session_expiry")]
+    pub session_expiry: Millis,
+    /// Messages the broker may have in flight to the agent before an ack (MQTT 5 receive
+    /// maximum; with 3.1.1 set the broker's `max_inflight_messages` to the same). Acks wait
+    /// for the fsync, so this window bounds throughput: window / (linger + fsync).
+    #[serde(default = "BrokerConfig::default_inflight_max")]
+    pub inflight_max: u16,
+    /// Topic filters subscribed at QoS 1 (`$share/<group>/<filter>` for shared subscriptions).
+    pub subscriptions: Vec<String>,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    #[serde(default = "BrokerConfig::default_reconnect_min")]
+    pub reconnect_min: Millis,
+    /// Longest reconnect delay.
+    #[serde(default = "BrokerConfig::default_reconnect_max")]
+    pub reconnect_max: Millis,
+}
+
+impl BrokerConfig {
+    fn default_protocol() -> MqttVersion {
+        MqttVersion::V311
+    }
+    fn default_keep_alive() -> Millis {
+        Millis(30_000)
+    }
+    fn default_session_expiry() -> Millis {
+        Millis(7 * 86_400_000)
+    }
+    fn default_inflight_max() -> u16 {
+        1000
+    }
+    fn default_reconnect_min() -> Millis {
+        Millis(100)
+    }
+    fn default_reconnect_max() -> Millis {
+        Millis(30_000)
+    }
+
+    /// The client id to use.
+    pub fn client_id(&self, edge_id: &str) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("backhaul-{edge_id}-{}", self.name))
+    }
+}
+
+/// `[[route]]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// MQTT topic filter (`+` one level, `#` the rest).
+    pub filter: String,
+    /// Stream the matching messages go to.
+    pub stream: String,
+}
+
+/// `[routing]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Stream for topics no rule matches; unset: they are acknowledged, dropped and counted.
+    pub unmatched_stream: Option<String>,
+}
+
+/// What the payloads of a stream are; invalid ones go to `_deadletter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormatConfig {
+    /// Any bytes.
+    Raw,
+    /// One JSON document per message.
+    Json,
+}
+
+/// When a stream's appends are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncConfig {
+    /// Every batch, before its acks.
+    Always,
+    /// Group commit every `fsync_interval`; acks after the covering fsync.
+    Interval,
+    /// Never; acks at once. Refused with `full_policy = "backpressure"`.
+    Never,
+}
+
+/// What a stream does when its disk budget (or the total) is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Stop acknowledging, so the data stays with the broker; nothing is lost.
+    Backpressure,
+    /// Replace the oldest segment with a gap batch (counted, reported) and go on.
+    DropOldest,
+}
+
+/// `[streams.NAME]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// `raw` or `json`.
+    #[serde(default = "StreamConfig::default_format")]
+    pub format: PayloadFormatConfig,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "StreamConfig::default_linger")]
+    pub linger: Millis,
+    /// A batch is closed once its raw records reach this size.
+    #[serde(default = "StreamConfig::default_batch_bytes_max")]
+    pub batch_bytes_max: ByteSize,
+    /// zstd level, 1..=19; 0 stores batches uncompressed.
+    #[serde(default = "StreamConfig::default_zstd_level")]
+    pub zstd_level: i32,
+    /// `always`, `interval` or `never`.
+    #[serde(default = "StreamConfig::default_fsync")]
+    pub fsync: FsyncConfig,
+    /// Group-commit interval for `fsync = "interval"`.
+    #[serde(default = "StreamConfig::default_fsync_interval")]
+    pub fsync_interval: Millis,
+    /// Segment files roll at this size.
+    #[serde(default = "StreamConfig::default_segment_bytes_max")]
+    pub segment_bytes_max: ByteSize,
+    /// Segment files roll at this age.
+    #[serde(default = "StreamConfig::default_segment_age")]
+    pub segment_age: Millis,
+    /// Most bytes this stream's log may hold; unset: only the total budget applies.
+    pub disk_budget_bytes: Option<ByteSize>,
+    /// `backpressure` or `drop_oldest`.
+    #[serde(default = "StreamConfig::default_full_policy")]
+    pub full_policy: FullPolicy,
+    /// Largest payload taken; a larger one is acknowledged, counted and dead-lettered
+    /// without its payload, and never stalls other topics.
+    #[serde(default = "StreamConfig::default_record_bytes_max")]
+    pub record_bytes_max: ByteSize,
+}
+
+impl StreamConfig {
+    fn default_format() -> PayloadFormatConfig {
+        PayloadFormatConfig::Raw
+    }
+    fn default_linger() -> Millis {
+        Millis(5)
+    }
+    fn default_batch_bytes_max() -> ByteSize {
+        ByteSize(256 << 10)
+    }
+    fn default_zstd_level() -> i32 {
+        1
+    }
+    fn default_fsync() -> FsyncConfig {
+        FsyncConfig::Interval
+    }
+    fn default_fsync_interval() -> Millis {
+        Millis(5)
+    }
+    fn default_segment_bytes_max() -> ByteSize {
+        ByteSize(64 << 20)
+    }
+    fn default_segment_age() -> Millis {
+        Millis(3_600_000)
+    }
+    fn default_full_policy() -> FullPolicy {
+        FullPolicy::Backpressure
+    }
+    fn default_record_bytes_max() -> ByteSize {
+        ByteSize(256 << 10)
+    }
+
+    /// The dead-letter stream's settings when the config has none: raw, kept by dropping
+    /// its own oldest data, never blocking the streams that feed it.
+    pub fn deadletter_default() -> Self {
+        Self {
+            disk_budget_bytes: Some(ByteSize(256 << 20)),
+            segment_bytes_max: ByteSize(16 << 20),
+            full_policy: FullPolicy::DropOldest,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            format: Self::default_format(),
+            linger: Self::default_linger(),
+            batch_bytes_max: Self::default_batch_bytes_max(),
+            zstd_level: Self::default_zstd_level(),
+            fsync: Self::default_fsync(),
+            fsync_interval: Self::default_fsync_interval(),
+            segment_bytes_max: Self::default_segment_bytes_max(),
+            segment_age: Self::default_segment_age(),
+            disk_budget_bytes: None,
+            full_policy: Self::default_full_policy(),
+            record_bytes_max: Self::default_record_bytes_max(),
+        }
+    }
+}
+
+/// Every problem found in a config, each with its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// `(key, reason)` pairs.
+    pub problems: Vec<(String, String)>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.file.display())?;
+        for (key, reason) in &self.problems {
+            write!(f, "\n  {key}: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |key: &str, reason: String| ConfigError { file: path.into(), problems: vec![(key.into(), reason)] };
+        let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", e.to_string()))?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text` (as if read from `path`).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let key = e.span().map_or_else(|| "(syntax)".to_owned(), |s| key_at(text, s.start));
+            ConfigError { file: path.into(), problems: vec![(key, e.message().to_owned())] }
+        })?;
+        config.streams.entry(DEADLETTER_STREAM.into()).or_insert_with(StreamConfig::deadletter_default);
+        let problems = config.problems();
+        if problems.is_empty() { Ok(config) } else { Err(ConfigError { file: path.into(), problems }) }
+    }
+
+    /// The password of broker `b`, from the environment variable it names.
+    pub fn broker_password(b: &BrokerConfig) -> Result<Option<String>, String> {
+        match &b.password_env {
+            None => Ok(None),
+            Some(var) => std::env::var(var).map(Some).map_err(|_| format!("environment variable {var} is not set")),
+        }
+    }
+
+    /// Stream names in a fixed order (their index is the stream id everywhere).
+    pub fn stream_names(&self) -> Vec<String> {
+        self.streams.keys().cloned().collect()
+    }
+
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.edge_id.is_empty() || self.edge_id.len() > 64 || self.edge_id.chars().any(char::is_control) {
+            p.push(("edge_id".into(), "1 to 64 bytes without control characters".into()));
+        }
+        if self.brokers.is_empty() {
+            p.push(("broker".into(), "no [[broker]]: nothing to ingest".into()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, b) in self.brokers.iter().enumerate() {
+            let k = |f: &str| format!("broker[{i}].{f}");
+            if !names.insert(b.name.as_str()) {
+                p.push((k("name"), "used by another [[broker]]".into()));
+            }
+            if let Err(e) = parse_broker_url(&b.url) {
+                p.push((k("url"), e));
+            }
+            if b.subscriptions.is_empty() {
+                p.push((k("subscriptions"), "at least one topic filter".into()));
+            }
+            for (j, s) in b.subscriptions.iter().enumerate() {
+                if let Err(e) = crate::route::check_filter(crate::route::strip_share(s)) {
+                    p.push((format!("broker[{i}].subscriptions[{j}]"), e));
+                }
+            }
+            if b.inflight_max == 0 {
+                p.push((k("inflight_max"), "must be at least 1".into()));
+            }
+            if b.keep_alive.0 < 1000 || b.keep_alive.0 > 65_535_000 {
+                p.push((k("keep_alive"), "between 1s and 65535s".into()));
+            }
+            if b.reconnect_min.0 == 0 || b.reconnect_min > b.reconnect_max {
+                p.push((k("reconnect_min"), "above zero and not above reconnect_max".into()));
+            }
+            if let Err(e) = Config::broker_password(b) {
+                p.push((k("password_env"), e));
+            }
+            if let Some(ca) = &b.ca_file
+                && !ca.is_file()
+            {
+                p.push((k("ca_file"), format!("{} is not a readable file", ca.display())));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Err(e) = crate::route::check_filter(&r.filter) {
+                p.push((format!("route[{i}].filter"), e));
+            }
+            if !self.streams.contains_key(&r.stream) {
+                p.push((format!("route[{i}].stream"), format!("no [streams.{}]", r.stream)));
+            }
+        }
+        if let Some(s) = &self.routing.unmatched_stream
+            && !self.streams.contains_key(s)
+        {
+            p.push(("routing.unmatched_stream".into(), format!("no [streams.{s}]")));
+        }
+        for (name, s) in &self.streams {
+            let k = |f: &str| format!("streams.{name}.{f}");
+            if !is_valid_stream_name(name) {
+                p.push((format!("streams.{name}"), "a stream name is 1 to 64 of a-z 0-9 _ . -".into()));
+            }
+            let body_max = u64::from(BatchLimits::default().body_bytes_max);
+            if s.batch_bytes_max.0 == 0 || s.batch_bytes_max.0 > body_max {
+                p.push((k("batch_bytes_max"), format!("between 1 and {}", ByteSize(body_max))));
+            }
+            if s.record_bytes_max.0 == 0 || s.record_bytes_max.0 > body_max {
+                p.push((k("record_bytes_max"), format!("between 1 and {}", ByteSize(body_max))));
+            }
+            if !(0..=19).contains(&s.zstd_level) {
+                p.push((k("zstd_level"), "0 (off) to 19".into()));
+            }
+            if s.fsync == FsyncConfig::Never && s.full_policy == FullPolicy::Backpressure {
+                p.push((
+                    k("fsync"),
+                    "\"never\" would ack what the disk does not hold: refused with full_policy = \"backpressure\""
+                        .into(),
+                ));
+            }
+            if s.fsync == FsyncConfig::Interval && s.fsync_interval.0 == 0 {
+                p.push((k("fsync_interval"), "above zero".into()));
+            }
+            if s.segment_bytes_max.0 < 4096 {
+                p.push((k("segment_bytes_max"), "at least 4KiB".into()));
+            }
+            if let Some(budget) = s.disk_budget_bytes
+                && budget.0 < 4 * s.segment_bytes_max.0
+            {
+                p.push((
+                    k("disk_budget_bytes"),
+                    format!("at least 4 × segment_bytes_max ({})", ByteSize(4 * s.segment_bytes_max.0)),
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// A broker URL's parts: (tls, host, port).
+pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!("{url:?}: expected mqtt://host:port or mqtts://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{url:?}: no host"));
+    }
+    Ok((tls, host.to_owned(), port))
+}
+
+/// The dotted key around byte `pos` of a TOML text, for error messages: the nearest
+/// `[table]` header above it and the `key =` on its line.
+fn key_at(text: &str, pos: usize) -> String {
+    let before = &text[..pos.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split('=').next().filter(|_| line.contains('=')).map(str::trim).unwrap_or("");
+    let table = before
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[').map(|t| t.trim_matches(|c| c == '[' || c == ']').to_owned()))
+        .unwrap_or_default();
+    match (table.is_empty(), key.is_empty()) {
+        (true, true) => "(top level)".into(),
+        (true, false) => key.into(),
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+edge_id = "edge-1"
+data_dir = "/tmp/x"
+[[broker]]
+name = "main"
+url = "mqtt://127.0.0.1:1883"
+subscriptions = ["cdr/#"]
+[[route]]
+filter = "cdr/#"
+stream = "cdr"
+[streams.cdr]
+format = "json"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_a_deadletter_stream() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.stream_names(), vec!["_deadletter", "cdr"]);
+        let cdr = &c.streams["cdr"];
+        assert_eq!(
+            (cdr.linger, cdr.fsync, cdr.full_policy),
+            (Millis(5), FsyncConfig::Interval, FullPolicy::Backpressure)
+        );
+        assert_eq!(c.streams[DEADLETTER_STREAM].full_policy, FullPolicy::DropOldest);
+        assert_eq!(c.brokers[0].client_id("edge-1"), "backhaul-edge-1-main");
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_their_key() {
+        let e = parse(&MIN.replace("format = \"json\"", "format = \"json\"\nlingr = \"5ms\"")).unwrap_err();
+        assert_eq!(e.problems[0].0, "streams.cdr.lingr", "{e}");
+        let e = parse(&MIN.replace("format = \"json\"", "linger = \"5 parsecs\"")).unwrap_err();
+        assert_eq!(e.problems[0].0, "streams.cdr.linger", "{e}");
+        assert!(e.problems[0].1.contains("unknown unit"), "{e}");
+    }
+
+    #[test]
+    fn semantic_problems_are_all_reported() {
+        let text = MIN
+            .replace("stream = \"cdr\"", "stream = \"cdrs\"")
+            .replace("format = \"json\"", "fsync = \"never\"\nzstd_level = 40")
+            .replace("mqtt://127.0.0.1:1883", "http://x");
+        let e = parse(&text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"route[0].stream"), "{e}");
+        assert!(keys.contains(&"streams.cdr.fsync"), "{e}");
+        assert!(keys.contains(&"streams.cdr.zstd_level"), "{e}");
+        assert!(keys.contains(&"broker[0].url"), "{e}");
+        assert!(e.to_string().contains("test.toml"));
+    }
+
+    #[test]
+    fn password_comes_from_the_environment() {
+        let text = MIN.replace("subscriptions", "password_env = \"BH_TEST_SURELY_UNSET_VAR\"\nsubscriptions");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.problems[0].0, "broker[0].password_env");
+        assert!(e.problems[0].1.contains("BH_TEST_SURELY_UNSET_VAR"));
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(parse_broker_url("mqtt://gw.local"), Ok((false, "gw.local".into(), 1883)));
+        assert_eq!(parse_broker_url("mqtts://10.0.0.1:8884"), Ok((true, "10.0.0.1".into(), 8884)));
+        assert!(parse_broker_url("tcp://x:1").is_err());
+        assert!(parse_broker_url("mqtt://x:99999").is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! `edge-agent run`: wires the pieces and runs until `shutdown`.
+//!
+//! Threads and tasks: the writer on its own thread (it does the blocking file I/O and fsyncs);
+//! one task per broker connection and one for its PUBACKs; a ticker; the admin endpoint.
+//! Shutdown: the writer flushes, syncs and releases its last acks; the connections send them
+//! and DISCONNECT; nothing acknowledged is lost and nothing durable goes unacknowledged
+//! longer than the broker's redelivery.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use shared::log::storage::FsStorage;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{self, AdminState, Health};
+use crate::config::Config;
+use crate::identity;
+use crate::ingest::driver::{ConnParams, drive_connection};
+use crate::metrics::Metrics;
+use crate::writer::{ConnInfo, Input, Writer};
+
+/// Messages waiting for the writer; bounds memory when the disk is slower than the broker.
+const WRITER_QUEUE_LEN: usize = 4096;
+/// Most inputs the writer takes before it drives (flush, sync, ack) once.
+const WRITER_DRAIN_MAX: usize = 1024;
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // One crypto provider everywhere (DESIGN §9); an error only means one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let epoch = identity::open_or_create(&config.data_dir)
+        .with_context(|| format!("data directory {}", config.data_dir.display()))?;
+    let names = config.stream_names();
+    let conn_names: Vec<String> = config.brokers.iter().map(|b| b.name.clone()).collect();
+    let metrics = Arc::new(Metrics::new(&names, &conn_names));
+    let health = Arc::new(Health::new());
+    health.set_not_ready("starting");
+
+    let conns: Vec<ConnInfo> = config
+        .brokers
+        .iter()
+        .map(|b| ConnInfo { client_id: b.client_id(&config.edge_id), inflight_max: usize::from(b.inflight_max) })
+        .collect();
+    let writer = Writer::open(&config, epoch, Arc::new(FsStorage), conns.clone(), metrics.clone(), wall_ms())
+        .context("opening the stream logs")?;
+    tracing::info!(edge_id = %config.edge_id, epoch = %epoch, data_dir = %config.data_dir.display(), streams = ?names, "logs open");
+
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen {}", config.admin.listen))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_state = AdminState { metrics: metrics.clone(), health: health.clone() };
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
+        let _ = admin_stop.changed().await;
+    }));
+
+    let (in_tx, in_rx) = mpsc::channel::<Input>(WRITER_QUEUE_LEN);
+    let clock = Instant::now();
+    let mut ack_txs = Vec::new();
+    let mut conn_tasks = Vec::new();
+    for (i, b) in config.brokers.iter().enumerate() {
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        ack_txs.push(ack_tx);
+        let params = ConnParams {
+            conn: i,
+            broker: b.clone(),
+            client_id: conns[i].client_id.clone(),
+            password: Config::broker_password(b).map_err(anyhow::Error::msg)?,
+            writer: in_tx.clone(),
+            acks: ack_rx,
+            metric_id: metrics.connection_id(&b.name).expect("metrics know every connection"),
+            metrics: metrics.clone(),
+            epoch: clock,
+            shutdown: stop_rx.clone(),
+        };
+        conn_tasks.push(tokio::spawn(drive_connection(params)));
+    }
+
+    let tick = tick_interval(&config);
+    let ticker_tx = in_tx.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(tick);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            // A full queue means the writer is busy and will drive anyway.
+            if ticker_tx.try_send(Input::Tick).is_err() && ticker_tx.is_closed() {
+                break;
+            }
+        }
+    });
+    let writer_thread = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || writer_loop(writer, in_rx, ack_txs, clock))
+        .context("starting the writer thread")?;
+
+    health.set_live(true);
+    let ready_health = health.clone();
+    let ready_metrics = metrics.clone();
+    let readiness = tokio::spawn(async move {
+        loop {
+            let snap = ready_metrics.snapshot();
+            if snap.connections.iter().any(|c| c.connected) {
+                ready_health.set_ready();
+            } else {
+                ready_health.set_not_ready("no broker connection");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: flushing, syncing, acknowledging");
+    health.set_not_ready("shutting down");
+    readiness.abort();
+    ticker.abort();
+    // The writer stops after its last acks; the connections then send them and DISCONNECT.
+    let _ = in_tx.send(Input::Shutdown).await;
+    drop(in_tx);
+    let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    let _ = stop_tx.send(true);
+    for t in conn_tasks {
+        let _ = t.await;
+    }
+    let _ = admin_task.await;
+    health.set_live(false);
+    match writer_result {
+        Ok(Ok(())) => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        _ => anyhow::bail!("the writer thread panicked"),
+    }
+}
+
+/// The writer thread: take inputs (a burst at a time), drive, hand out acks.
+fn writer_loop(
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Input>,
+    acks: Vec<mpsc::UnboundedSender<u16>>,
+    clock: Instant,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut stop = writer.handle_input(first);
+        let mut taken = 1;
+        while !stop && taken < WRITER_DRAIN_MAX {
+            match rx.try_recv() {
+                Ok(input) => stop = writer.handle_input(input),
+                Err(_) => break,
+            }
+            taken += 1;
+        }
+        let now_us = clock.elapsed().as_micros() as u64;
+        for ack in writer.drive(now_us, wall_ms(), stop) {
+            let _ = acks[ack.conn].send(ack.pkid);
+        }
+        if stop {
+            break;
+        }
+    }
+    // Dropping the ack senders tells each connection its last ack is queued.
+}
+
+/// The writer needs to look at the clock at the finest linger or fsync interval.
+fn tick_interval(config: &Config) -> Duration {
+    let finest = config.streams.values().flat_map(|s| [s.linger.0, s.fsync_interval.0]).min().unwrap_or(5);
+    Duration::from_millis((finest / 2).clamp(1, 50))
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

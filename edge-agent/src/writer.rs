@@ -1,0 +1,568 @@
+//! The writer: routes incoming messages to streams, batches them, appends the batches to each
+//! stream's log, syncs by each stream's fsync policy, applies the disk budget, and says which
+//! PUBACKs may leave. One thread owns it; inputs arrive on a channel, time comes in as `now`.
+//!
+//! Per stream, records go: builder (open batch) → closed (waiting for disk room) → appended
+//! (waiting for the covering fsync) → committed. Batches are numbered per stream in that order,
+//! so "is batch n committed" is one comparison. Seqs are log offsets: a batch's `base_seq` is
+//! the log's next offset when it is appended, so a stream's seqs run from 0 without holes.
+
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use shared::batch::{
+    Attr, Batch, BatchBuilder, BatchEncoder, BatchLimits, BatchMeta, Compression, GapReason, PayloadFormat, attr,
+    encode_gap,
+};
+use shared::ids::{Epoch, Offset, Seq};
+use shared::log::storage::Storage;
+use shared::log::verify::stream_dir;
+use shared::log::{FsyncPolicy, Log, LogConfig, LogError, Retention};
+
+use crate::config::{Config, DEADLETTER_STREAM, FsyncConfig, FullPolicy, PayloadFormatConfig, StreamConfig};
+use crate::ingest::session::{AckSession, Admit, BatchRef};
+use crate::metrics::{DropReason, Metrics, StreamId};
+use crate::route::Router;
+
+/// A segment this small holds only a gap batch: `drop_oldest` passes over it.
+const GAP_SEGMENT_BYTES_MAX: u64 = 4096;
+/// Attribute naming why a record was dead-lettered.
+pub const ATTR_REASON: &str = "deadletter.reason";
+/// Attribute naming the stream a dead-lettered record was meant for.
+pub const ATTR_STREAM: &str = "deadletter.stream";
+
+/// A message from a broker connection.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// Connection index.
+    pub conn: usize,
+    /// Packet id (0 for QoS 0).
+    pub pkid: u16,
+    /// QoS of the delivery.
+    pub qos: u8,
+    /// DUP flag: a redelivery.
+    pub dup: bool,
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// Event time given to the record, ms since the epoch (MQTT carries none: receive time).
+    pub ts_ms: i64,
+    /// Receive time on the writer's monotonic scale, µs.
+    pub received_us: u64,
+}
+
+/// What the writer is told.
+#[derive(Debug)]
+pub enum Input {
+    /// A PUBLISH.
+    Publish(Incoming),
+    /// Connection `conn` dropped; the broker will redeliver what was not acknowledged.
+    Reset {
+        /// Connection index.
+        conn: usize,
+    },
+    /// Time passed.
+    Tick,
+    /// Flush, sync, ack, stop.
+    Shutdown,
+}
+
+/// A PUBACK that may leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// Connection index.
+    pub conn: usize,
+    /// Packet id.
+    pub pkid: u16,
+    /// When its PUBLISH came in, µs.
+    pub received_us: u64,
+}
+
+/// One connection as the writer sees it.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// MQTT client id (kept on records, to recognise redeliveries after a restart).
+    pub client_id: String,
+    /// Receive window: at this many unacknowledged messages, batches flush and sync at once.
+    pub inflight_max: usize,
+}
+
+struct StreamState {
+    name: String,
+    cfg: StreamConfig,
+    dir: PathBuf,
+    log_config: LogConfig,
+    log: Log,
+    meta: BatchMeta,
+    encoder: BatchEncoder,
+    builder: BatchBuilder,
+    builder_no: u64,
+    builder_since_us: Option<u64>,
+    closed: VecDeque<(u64, BatchBuilder)>,
+    appended: VecDeque<(u64, Offset)>,
+    committed_below: u64,
+    last_sync_us: u64,
+    full: bool,
+}
+
+/// See the module doc.
+pub struct Writer {
+    streams: Vec<StreamState>,
+    sessions: Vec<AckSession>,
+    conns: Vec<ConnInfo>,
+    router: Router,
+    deadletter: usize,
+    storage: Arc<dyn Storage>,
+    total_budget: Option<u64>,
+    metrics: Arc<Metrics>,
+    /// Metric ids of the streams, by stream index.
+    mids: Vec<StreamId>,
+    out: BytesMut,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("streams", &self.streams.len())
+            .field("conns", &self.conns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors that stop the writer from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// A stream's log did not open.
+    #[error("stream {stream}: {source}")]
+    Log {
+        /// The stream.
+        stream: String,
+        /// Why.
+        source: LogError,
+    },
+    /// A setting the codec refused.
+    #[error("stream {stream}: {reason}")]
+    Config {
+        /// The stream.
+        stream: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Writer {
+    /// Opens every stream's log under `data_dir` (recovery included) and rebuilds the
+    /// redelivery memory of each connection from the logs' tails.
+    pub fn open(
+        config: &Config,
+        epoch: Epoch,
+        storage: Arc<dyn Storage>,
+        conns: Vec<ConnInfo>,
+        metrics: Arc<Metrics>,
+        now_ms: i64,
+    ) -> Result<Writer, WriterError> {
+        let names = config.stream_names();
+        let mut streams = Vec::with_capacity(names.len());
+        for name in &names {
+            let cfg = config.streams[name].clone();
+            streams.push(open_stream(&config.edge_id, epoch, &config.data_dir, name, cfg, storage.clone(), now_ms)?);
+        }
+        let id = |n: &str| names.iter().position(|s| s == n).expect("validated stream name");
+        let rules: Vec<(String, usize)> = config.routes.iter().map(|r| (r.filter.clone(), id(&r.stream))).collect();
+        let router = Router::new(&rules, config.routing.unmatched_stream.as_deref().map(id));
+        let mut w = Writer {
+            sessions: conns.iter().map(|_| AckSession::new()).collect(),
+            deadletter: id(DEADLETTER_STREAM),
+            streams,
+            conns,
+            router,
+            storage,
+            total_budget: config.disk.budget_bytes.map(|b| b.0),
+            mids: names.iter().map(|n| metrics.stream_id(n).expect("metrics know every stream")).collect(),
+            metrics,
+            out: BytesMut::new(),
+        };
+        w.remember_log_tails();
+        for s in 0..w.streams.len() {
+            w.update_gauges(s);
+        }
+        Ok(w)
+    }
+
+    /// Takes one input. Returns true for [`Input::Shutdown`]: the caller then calls
+    /// [`Writer::drive`] with `shutdown` set, sends the acks and stops.
+    pub fn handle_input(&mut self, input: Input) -> bool {
+        match input {
+            Input::Publish(msg) => self.handle_publish(msg),
+            Input::Reset { conn } => self.sessions[conn].handle_reset(),
+            Input::Tick => {}
+            Input::Shutdown => return true,
+        }
+        false
+    }
+
+    /// Stream names, by index.
+    pub fn stream_names(&self) -> Vec<String> {
+        self.streams.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Whether any stream is refusing data for lack of disk.
+    pub fn any_full(&self) -> bool {
+        self.streams.iter().any(|s| s.full)
+    }
+
+    fn handle_publish(&mut self, m: Incoming) {
+        let hash = content_hash(&m.topic, &m.payload);
+        if m.qos > 0 {
+            match self.sessions[m.conn].handle_publish(m.pkid, m.dup, hash) {
+                Admit::New => {}
+                Admit::Duplicate(at) => {
+                    let stream = self.router.route(&m.topic).unwrap_or(self.deadletter);
+                    self.metrics.add_dropped(self.mids[stream], DropReason::Duplicate, 1);
+                    self.sessions[m.conn].handle_taken(m.pkid, None, at, m.received_us);
+                    return;
+                }
+            }
+        }
+        let Some(si) = self.router.route(&m.topic) else {
+            self.metrics.add_unrouted(1);
+            if m.qos > 0 {
+                self.sessions[m.conn].handle_taken(m.pkid, None, None, m.received_us);
+            }
+            return;
+        };
+        self.metrics.add_received(self.mids[si], 1);
+        let s = &self.streams[si];
+        let rejected = if m.payload.len() as u64 > s.cfg.record_bytes_max.0 {
+            Some((
+                DropReason::TooLarge,
+                format!("payload of {} bytes above record_bytes_max {}", m.payload.len(), s.cfg.record_bytes_max),
+            ))
+        } else if s.cfg.format == PayloadFormatConfig::Json
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&m.payload)
+        {
+            Some((DropReason::InvalidPayload, format!("invalid JSON: {e}")))
+        } else {
+            None
+        };
+        let mut attrs = Vec::with_capacity(4);
+        attrs.push(Attr { key: attr::MQTT_CLIENT.into(), value: self.conns[m.conn].client_id.clone() });
+        if m.qos > 0 {
+            attrs.push(Attr { key: attr::MQTT_PACKET_ID.into(), value: m.pkid.to_string() });
+        }
+        let (target, payload): (usize, &[u8]) = match &rejected {
+            None => (si, &m.payload),
+            Some((reason, text)) => {
+                self.metrics.add_dropped(self.mids[si], *reason, 1);
+                attrs.push(Attr { key: ATTR_REASON.into(), value: text.clone() });
+                attrs.push(Attr { key: ATTR_STREAM.into(), value: self.streams[si].name.clone() });
+                let keep = if *reason == DropReason::TooLarge { &[][..] } else { &m.payload[..] };
+                (self.deadletter, keep)
+            }
+        };
+        let t = &mut self.streams[target];
+        if let Err(e) = t.builder.push(m.ts_ms, &m.topic, payload, &attrs) {
+            // Only a bound of the codec (topic or attribute size) can refuse it.
+            tracing::warn!(error = %e, topic = %m.topic, "record refused by the batch codec");
+            self.metrics.add_dropped(self.mids[si], DropReason::TooLarge, 1);
+            if m.qos > 0 {
+                self.sessions[m.conn].handle_taken(m.pkid, None, None, m.received_us);
+            }
+            return;
+        }
+        t.builder_since_us.get_or_insert(m.received_us);
+        let at = BatchRef { stream: target, batch_no: t.builder_no };
+        if m.qos > 0 {
+            self.sessions[m.conn].handle_taken(m.pkid, Some(hash), Some(at), m.received_us);
+        }
+    }
+
+    /// Flushes due batches (all of them at `shutdown`), appends, syncs, and returns the acks
+    /// that may leave now, in order per connection.
+    pub fn drive(&mut self, now_us: u64, now_ms: i64, shutdown: bool) -> Vec<Ack> {
+        let urgent = shutdown || self.sessions.iter().zip(&self.conns).any(|(s, c)| s.pending() >= c.inflight_max);
+        for si in 0..self.streams.len() {
+            let s = &mut self.streams[si];
+            let linger_due = s.builder_since_us.is_some_and(|t| now_us.saturating_sub(t) >= s.cfg.linger.0 * 1000);
+            if !s.builder.is_empty() && (urgent || linger_due || s.builder.raw_len() as u64 >= s.cfg.batch_bytes_max.0)
+            {
+                let b = std::mem::take(&mut s.builder);
+                s.closed.push_back((s.builder_no, b));
+                s.builder_no += 1;
+                s.builder_since_us = None;
+            }
+            self.append_closed(si, now_ms);
+            self.sync_if_due(si, now_us, now_ms, urgent);
+            self.advance_committed(si);
+            self.update_gauges(si);
+        }
+        let committed: Vec<u64> = self.streams.iter().map(|s| s.committed_below).collect();
+        let is_committed = |b: BatchRef| b.batch_no < committed[b.stream];
+        let mut acks = Vec::new();
+        for (conn, session) in self.sessions.iter_mut().enumerate() {
+            for (pkid, received_us) in session.poll_acks(is_committed) {
+                self.metrics
+                    .observe_receive_to_ack(std::time::Duration::from_micros(now_us.saturating_sub(received_us)));
+                acks.push(Ack { conn, pkid, received_us });
+            }
+        }
+        acks
+    }
+
+    fn append_closed(&mut self, si: usize, now_ms: i64) {
+        while let Some((no, builder)) = self.streams[si].closed.front() {
+            let (no, estimate) = (*no, builder.raw_len() as u64 + 256);
+            if let Some(why) = self.over_budget(si, estimate) {
+                let s = &self.streams[si];
+                if s.cfg.full_policy == FullPolicy::DropOldest && self.drop_oldest(si, now_ms) {
+                    continue;
+                }
+                self.set_full(si, true, &why);
+                return;
+            }
+            let s = &mut self.streams[si];
+            let (_, mut builder) = s.closed.pop_front().expect("front exists");
+            s.meta.base_seq = Seq(s.log.next_offset().0);
+            self.out.clear();
+            let raw_len = builder.raw_len() as u64;
+            let header = match s.encoder.finish(&mut builder, &s.meta, &mut self.out) {
+                Ok(h) => h,
+                Err(e) => {
+                    // Cannot happen for records the builder took; losing them silently would
+                    // be worse than stopping, so say it loudly and keep nothing half-done.
+                    tracing::error!(stream = %s.name, error = %e, "batch encoding failed; records dropped");
+                    continue;
+                }
+            };
+            let batch = Batch::from_bytes(self.out.split().freeze(), &BatchLimits::default()).expect("just encoded");
+            match s.log.append(&batch, now_ms) {
+                Ok(a) => {
+                    s.appended.push_back((no, a.end));
+                    self.metrics.add_appended(self.mids[si], u64::from(header.record_count));
+                    self.metrics.add_batch(self.mids[si], raw_len, batch.bytes().len() as u64);
+                    if self.streams[si].full {
+                        self.set_full(si, false, "");
+                    }
+                }
+                Err(e) => {
+                    // Keep the records: back in front, appended when the disk allows.
+                    let s = &mut self.streams[si];
+                    let records = batch.records().expect("just encoded");
+                    let mut again = BatchBuilder::new();
+                    for r in &records {
+                        again.push_record(r).expect("fitted before");
+                    }
+                    s.closed.push_front((no, again));
+                    self.metrics.add_append_error(self.mids[si]);
+                    if e.is_retryable() {
+                        self.set_full(si, true, &e.to_string());
+                    } else {
+                        tracing::error!(stream = %s.name, error = %e, "log write failed; reopening the log");
+                        self.reopen(si, now_ms);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn sync_if_due(&mut self, si: usize, now_us: u64, now_ms: i64, urgent: bool) {
+        let s = &mut self.streams[si];
+        if !s.log.needs_sync() {
+            return;
+        }
+        let due = match s.cfg.fsync {
+            FsyncConfig::Interval => urgent || now_us.saturating_sub(s.last_sync_us) >= s.cfg.fsync_interval.0 * 1000,
+            FsyncConfig::Always | FsyncConfig::Never => true,
+        };
+        if !due {
+            return;
+        }
+        s.last_sync_us = now_us;
+        if let Err(e) = s.log.sync() {
+            tracing::error!(stream = %s.name, error = %e, "fsync failed; reopening the log");
+            self.metrics.add_append_error(self.mids[si]);
+            self.reopen(si, now_ms);
+        }
+    }
+
+    fn advance_committed(&mut self, si: usize) {
+        let s = &mut self.streams[si];
+        let committed = s.log.committed_offset();
+        while s.appended.front().is_some_and(|&(_, end)| end <= committed) {
+            s.appended.pop_front();
+        }
+        s.committed_below =
+            s.appended.front().map(|a| a.0).or_else(|| s.closed.front().map(|c| c.0)).unwrap_or(s.builder_no);
+    }
+
+    /// Reopens a poisoned log: recovery makes what it holds durable again.
+    fn reopen(&mut self, si: usize, now_ms: i64) {
+        let s = &mut self.streams[si];
+        match Log::open(self.storage.clone(), &s.dir, s.log_config, now_ms) {
+            Ok(log) => s.log = log,
+            Err(e) => tracing::error!(stream = %s.name, error = %e, "reopening the log failed; will retry"),
+        }
+    }
+
+    /// Why appending `extra` bytes to stream `si` would break a disk budget.
+    fn over_budget(&self, si: usize, extra: u64) -> Option<String> {
+        let s = &self.streams[si];
+        if let Some(b) = s.cfg.disk_budget_bytes
+            && s.log.disk_bytes() + extra > b.0
+        {
+            return Some(format!("stream budget {b} reached"));
+        }
+        let total: u64 = self.streams.iter().map(|s| s.log.disk_bytes()).sum();
+        match self.total_budget {
+            Some(b) if total + extra > b => Some(format!("total disk budget {} reached", shared::units::ByteSize(b))),
+            _ => None,
+        }
+    }
+
+    /// Replaces the stream's oldest data segment with a gap batch. False if none is left.
+    fn drop_oldest(&mut self, si: usize, _now_ms: i64) -> bool {
+        let s = &mut self.streams[si];
+        let segs = s.log.segments();
+        let Some(victim) = segs[..segs.len() - 1].iter().find(|g| g.bytes > GAP_SEGMENT_BYTES_MAX) else {
+            return false;
+        };
+        let count = (victim.end.0 - victim.base.0) as u32;
+        let meta = BatchMeta { base_seq: Seq(victim.base.0), ..s.meta.clone() };
+        let mut out = BytesMut::new();
+        let ts = victim.ts_range.unwrap_or((0, 0));
+        let gap = encode_gap(&meta, count, GapReason::DiskFullDropOldest, ts, &mut out)
+            .map_err(|e| e.to_string())
+            .and_then(|_| Batch::from_bytes(out.freeze(), &BatchLimits::default()).map_err(|e| e.to_string()));
+        let result = gap.and_then(|g| s.log.replace_segment_with_gap(victim.base, &g).map_err(|e| e.to_string()));
+        match result {
+            Ok(_) => {
+                tracing::warn!(stream = %s.name, from_seq = victim.base.0, to_seq = victim.end.0, "disk budget: dropped the oldest segment, gap recorded");
+                self.metrics.add_dropped(self.mids[si], DropReason::DiskFullDropOldest, u64::from(count));
+                true
+            }
+            Err(e) => {
+                tracing::error!(stream = %s.name, error = %e, "drop_oldest failed");
+                false
+            }
+        }
+    }
+
+    fn set_full(&mut self, si: usize, full: bool, why: &str) {
+        let s = &mut self.streams[si];
+        if s.full != full {
+            if full {
+                tracing::warn!(stream = %s.name, reason = why, "stream full: acks stop until there is room");
+            } else {
+                tracing::info!(stream = %s.name, "stream has room again: acks resume");
+            }
+        }
+        s.full = full;
+        self.metrics.set_disk_full(self.mids[si], full);
+    }
+
+    fn update_gauges(&self, si: usize) {
+        let s = &self.streams[si];
+        self.metrics.set_log_bytes(self.mids[si], s.log.disk_bytes());
+        self.metrics.set_committed_offset(self.mids[si], s.log.committed_offset());
+    }
+
+    /// Reads the tail of every log for records taken from our connections, so a redelivery
+    /// after a restart is recognised (see `ingest::session`).
+    fn remember_log_tails(&mut self) {
+        let window: u64 = 4 * self.conns.iter().map(|c| c.inflight_max as u64).sum::<u64>();
+        for s in &mut self.streams {
+            let end = s.log.committed_offset();
+            let mut from = Offset(end.0.saturating_sub(window).max(s.log.start_offset().0));
+            while from < end {
+                let Ok(read) = s.log.read(from, 1 << 20) else { break };
+                for lb in &read.batches {
+                    let Ok(records) = lb.batch.records() else { continue };
+                    for r in records {
+                        let (Some(client), Some(pid)) = (r.attr(attr::MQTT_CLIENT), r.attr(attr::MQTT_PACKET_ID))
+                        else {
+                            continue;
+                        };
+                        let (Some(conn), Ok(pid)) =
+                            (self.conns.iter().position(|c| c.client_id == client), pid.parse())
+                        else {
+                            continue;
+                        };
+                        self.sessions[conn].remember_durable(pid, content_hash(&r.topic, &r.payload));
+                    }
+                }
+                if read.next <= from {
+                    break;
+                }
+                from = read.next;
+            }
+        }
+    }
+}
+
+fn open_stream(
+    edge_id: &str,
+    epoch: Epoch,
+    data_dir: &Path,
+    name: &str,
+    cfg: StreamConfig,
+    storage: Arc<dyn Storage>,
+    now_ms: i64,
+) -> Result<StreamState, WriterError> {
+    let fsync = match cfg.fsync {
+        FsyncConfig::Always => FsyncPolicy::Always,
+        FsyncConfig::Interval => FsyncPolicy::Interval { interval_ms: cfg.fsync_interval.0 },
+        FsyncConfig::Never => FsyncPolicy::Never,
+    };
+    let log_config = LogConfig {
+        segment_bytes_max: cfg.segment_bytes_max.0,
+        segment_age_ms: cfg.segment_age.0,
+        fsync,
+        retention: Retention::default(),
+        ..LogConfig::default()
+    };
+    let dir = stream_dir(data_dir, name);
+    let log = Log::open(storage, &dir, log_config, now_ms)
+        .map_err(|source| WriterError::Log { stream: name.into(), source })?;
+    for p in log.problems() {
+        tracing::warn!(stream = name, problem = %p, "log recovery");
+    }
+    let compression = if cfg.zstd_level == 0 { Compression::None } else { Compression::Zstd { level: cfg.zstd_level } };
+    let encoder = BatchEncoder::new(compression)
+        .map_err(|e| WriterError::Config { stream: name.into(), reason: e.to_string() })?;
+    let format = match cfg.format {
+        PayloadFormatConfig::Raw => PayloadFormat::Raw,
+        PayloadFormatConfig::Json => PayloadFormat::Json,
+    };
+    let meta =
+        BatchMeta { producer: edge_id.into(), epoch, stream: name.into(), base_seq: Seq(0), payload_format: format };
+    Ok(StreamState {
+        name: name.into(),
+        cfg,
+        dir,
+        log_config,
+        log,
+        meta,
+        encoder,
+        builder: BatchBuilder::new(),
+        builder_no: 0,
+        builder_since_us: None,
+        closed: VecDeque::new(),
+        appended: VecDeque::new(),
+        committed_below: 0,
+        last_sync_us: 0,
+        full: false,
+    })
+}
+
+/// Hash of a message's content, to tell a redelivery from a new message under a reused pkid.
+fn content_hash(topic: &str, payload: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut h);
+    payload.hash(&mut h);
+    h.finish()
+}

@@ -235,6 +235,10 @@ pub struct StreamConfig {
     /// `backpressure` or `drop_oldest`.
     #[serde(default = "StreamConfig::default_full_policy")]
     pub full_policy: FullPolicy,
+    /// Data older than this (by event time) that is still in the log is replaced by a gap
+    /// batch, counted and reported: an explicit loss policy for data nobody will want late.
+    /// Unset: kept until forwarded (or the disk policy decides).
+    pub retention_age: Option<Millis>,
     /// Largest payload taken; a larger one is acknowledged, counted and dead-lettered
     /// without its payload, and never stalls other topics.
     #[serde(default = "StreamConfig::default_record_bytes_max")]
@@ -298,6 +302,7 @@ impl Default for StreamConfig {
             segment_age: Self::default_segment_age(),
             disk_budget_bytes: None,
             full_policy: Self::default_full_policy(),
+            retention_age: None,
             record_bytes_max: Self::default_record_bytes_max(),
         }
     }

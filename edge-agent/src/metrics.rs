@@ -72,12 +72,19 @@ pub enum DropReason {
     DiskFullDropOldest,
     /// A redelivery already in the log, or a duplicate within the stream's dedup window.
     Duplicate,
+    /// Older than the stream's `retention_age` before it was forwarded; replaced by a gap.
+    RetentionExpired,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 4] =
-        [DropReason::TooLarge, DropReason::InvalidPayload, DropReason::DiskFullDropOldest, DropReason::Duplicate];
+    pub const ALL: [DropReason; 5] = [
+        DropReason::TooLarge,
+        DropReason::InvalidPayload,
+        DropReason::DiskFullDropOldest,
+        DropReason::Duplicate,
+        DropReason::RetentionExpired,
+    ];
 
     /// The `reason` label value.
     pub fn label(self) -> &'static str {
@@ -86,6 +93,7 @@ impl DropReason {
             DropReason::InvalidPayload => "invalid_payload",
             DropReason::DiskFullDropOldest => "disk_full_drop_oldest",
             DropReason::Duplicate => "duplicate",
+            DropReason::RetentionExpired => "retention_expired",
         }
     }
 

@@ -20,7 +20,7 @@ use shared::batch::{
 use shared::ids::{Epoch, Offset, Seq};
 use shared::log::storage::Storage;
 use shared::log::verify::stream_dir;
-use shared::log::{FsyncPolicy, Log, LogConfig, LogError, Retention};
+use shared::log::{FsyncPolicy, Log, LogConfig, LogError, Retention, SegmentSummary};
 
 use crate::config::{Config, DEADLETTER_STREAM, FsyncConfig, FullPolicy, PayloadFormatConfig, StreamConfig};
 use crate::ingest::session::{AckSession, Admit, BatchRef};
@@ -30,6 +30,8 @@ use crate::route::Router;
 /// A segment this small holds only a gap batch (a gap frame is ~150 bytes), or so little that
 /// replacing it frees nothing: `drop_oldest` passes over it.
 const GAP_SEGMENT_BYTES_MAX: u64 = 512;
+/// How often retention and the slower gauges are looked at, µs.
+const HOUSEKEEPING_INTERVAL_US: u64 = 1_000_000;
 /// Attribute naming why a record was dead-lettered.
 pub const ATTR_REASON: &str = "deadletter.reason";
 /// Attribute naming the stream a dead-lettered record was meant for.
@@ -107,6 +109,7 @@ struct StreamState {
     appended: VecDeque<(u64, Offset)>,
     committed_below: u64,
     last_sync_us: u64,
+    next_housekeeping_us: u64,
     full: bool,
 }
 
@@ -300,6 +303,13 @@ impl Writer {
             self.sync_if_due(si, now_us, now_ms, urgent);
             self.advance_committed(si);
             self.update_gauges(si);
+            if now_us >= self.streams[si].next_housekeeping_us {
+                self.streams[si].next_housekeeping_us = now_us + HOUSEKEEPING_INTERVAL_US;
+                self.expire(si, now_ms);
+                let oldest = self.streams[si].log.oldest_event_ms();
+                let age_ms = oldest.map_or(0, |t| now_ms.saturating_sub(t).max(0) as u64);
+                self.metrics.set_oldest_unforwarded_age(self.mids[si], std::time::Duration::from_millis(age_ms));
+            }
         }
         let committed: Vec<u64> = self.streams.iter().map(|s| s.committed_below).collect();
         let is_committed = |b: BatchRef| b.batch_no < committed[b.stream];
@@ -319,7 +329,7 @@ impl Writer {
             let (no, estimate) = (*no, builder.raw_len() as u64 + 256);
             if let Some(why) = self.over_budget(si, estimate) {
                 let s = &self.streams[si];
-                if s.cfg.full_policy == FullPolicy::DropOldest && self.drop_oldest(si, now_ms) {
+                if s.cfg.full_policy == FullPolicy::DropOldest && self.drop_oldest(si) {
                     continue;
                 }
                 self.set_full(si, true, &why);
@@ -426,28 +436,52 @@ impl Writer {
     }
 
     /// Replaces the stream's oldest data segment with a gap batch. False if none is left.
-    fn drop_oldest(&mut self, si: usize, _now_ms: i64) -> bool {
+    fn drop_oldest(&mut self, si: usize) -> bool {
+        let segs = self.streams[si].log.segments();
+        match segs[..segs.len() - 1].iter().find(|g| g.bytes > GAP_SEGMENT_BYTES_MAX) {
+            Some(victim) => self.gap_out(si, victim, GapReason::DiskFullDropOldest, DropReason::DiskFullDropOldest),
+            None => false,
+        }
+    }
+
+    /// `retention_age`: replaces closed segments whose newest event is older than the age.
+    fn expire(&mut self, si: usize, now_ms: i64) {
+        let Some(age) = self.streams[si].cfg.retention_age else { return };
+        let horizon = now_ms.saturating_sub(age.0 as i64);
+        let segs = self.streams[si].log.segments();
+        for victim in &segs[..segs.len() - 1] {
+            match victim.ts_range {
+                Some((_, newest)) if newest < horizon => {
+                    if victim.bytes > GAP_SEGMENT_BYTES_MAX
+                        && !self.gap_out(si, victim, GapReason::RetentionExpired, DropReason::RetentionExpired)
+                    {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Swaps `victim` for a gap batch covering its seqs (fsynced before the data goes).
+    fn gap_out(&mut self, si: usize, victim: &SegmentSummary, reason: GapReason, drop: DropReason) -> bool {
         let s = &mut self.streams[si];
-        let segs = s.log.segments();
-        let Some(victim) = segs[..segs.len() - 1].iter().find(|g| g.bytes > GAP_SEGMENT_BYTES_MAX) else {
-            return false;
-        };
         let count = (victim.end.0 - victim.base.0) as u32;
         let meta = BatchMeta { base_seq: Seq(victim.base.0), ..s.meta.clone() };
         let mut out = BytesMut::new();
         let ts = victim.ts_range.unwrap_or((0, 0));
-        let gap = encode_gap(&meta, count, GapReason::DiskFullDropOldest, ts, &mut out)
+        let gap = encode_gap(&meta, count, reason, ts, &mut out)
             .map_err(|e| e.to_string())
             .and_then(|_| Batch::from_bytes(out.freeze(), &BatchLimits::default()).map_err(|e| e.to_string()));
         let result = gap.and_then(|g| s.log.replace_segment_with_gap(victim.base, &g).map_err(|e| e.to_string()));
         match result {
             Ok(_) => {
-                tracing::warn!(stream = %s.name, from_seq = victim.base.0, to_seq = victim.end.0, "disk budget: dropped the oldest segment, gap recorded");
-                self.metrics.add_dropped(self.mids[si], DropReason::DiskFullDropOldest, u64::from(count));
+                tracing::warn!(stream = %s.name, from_seq = victim.base.0, to_seq = victim.end.0, ?reason, "dropped a segment; gap recorded");
+                self.metrics.add_dropped(self.mids[si], drop, u64::from(count));
                 true
             }
             Err(e) => {
-                tracing::error!(stream = %s.name, error = %e, "drop_oldest failed");
+                tracing::error!(stream = %s.name, error = %e, ?reason, "replacing a segment with its gap failed");
                 false
             }
         }
@@ -556,6 +590,7 @@ fn open_stream(
         appended: VecDeque::new(),
         committed_below: 0,
         last_sync_us: 0,
+        next_housekeeping_us: 0,
         full: false,
     })
 }
@@ -739,5 +774,34 @@ fsync = "always"
             next = b.end().0;
         }
         assert_eq!(next, 200);
+    }
+
+    #[test]
+    fn retention_age_replaces_old_segments_with_gaps() {
+        let sim = SimStorage::new();
+        let text =
+            CONFIG.replace("full_policy = \"drop_oldest\"", "full_policy = \"drop_oldest\"\nretention_age = \"1h\"");
+        let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100 }];
+        let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
+        let mut w = Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap();
+        for i in 0..100u16 {
+            let payload: String = (0..40)
+                .map(|j| format!("{:08x}", (u64::from(i) * 7919 + j).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32))
+                .collect();
+            publish(&mut w, i + 1, false, "sensors/t", &payload); // event time 1000 ms
+            w.drive(u64::from(i) * 1000, 2000, false);
+        }
+        assert_eq!(w.streams[2].name, "sensors");
+        let segments_before = w.streams[2].log.segments().len();
+        assert!(segments_before > 2, "{:?}", w.streams[2].log.segments());
+        // Two hours later, everything closed is past retention.
+        w.drive(10_000_000, 2 * 3_600_000, false);
+        let segs = w.streams[2].log.segments();
+        assert_eq!(segs.len(), segments_before);
+        assert!(segs[..segs.len() - 1].iter().all(|s| s.bytes <= GAP_SEGMENT_BYTES_MAX), "{segs:?}");
+        let snap = w.metrics.snapshot();
+        let sensors = snap.streams.iter().find(|s| s.name == "sensors").unwrap();
+        assert!(sensors.dropped(DropReason::RetentionExpired) > 0);
     }
 }

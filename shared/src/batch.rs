@@ -200,6 +200,8 @@ pub enum GapReason {
     DiskFullDropOldest,
     /// Data found corrupt on the edge's disk and skipped.
     Corruption,
+    /// Older than the stream's retention before it was forwarded.
+    RetentionExpired,
     /// A reason this version does not know.
     Other(u8),
 }
@@ -209,6 +211,7 @@ impl GapReason {
         match self {
             GapReason::DiskFullDropOldest => 1,
             GapReason::Corruption => 2,
+            GapReason::RetentionExpired => 3,
             GapReason::Other(b) => b,
         }
     }
@@ -217,6 +220,7 @@ impl GapReason {
         match b {
             1 => GapReason::DiskFullDropOldest,
             2 => GapReason::Corruption,
+            3 => GapReason::RetentionExpired,
             b => GapReason::Other(b),
         }
     }

@@ -667,6 +667,12 @@ impl Log {
         }
     }
 
+    /// The earliest event time in the log's oldest segment that has any (for "age of the oldest
+    /// unforwarded record"); `None` for an empty log.
+    pub fn oldest_event_ms(&self) -> Option<i64> {
+        self.segments.iter().find_map(|s| s.ts_range.map(|(lo, _)| lo))
+    }
+
     /// Bytes on disk: segments and their indexes.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len + s.index_bytes()).sum()

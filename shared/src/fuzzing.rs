@@ -28,6 +28,17 @@ pub fn batch_decode(data: &[u8]) {
     }
 }
 
+/// Wire frames: any bytes give a frame, `None` or an error; a frame re-encodes to the same bytes.
+pub fn frame_decode(data: &[u8]) {
+    if let Ok(Some((frame, len))) = crate::wire::Frame::decode(data) {
+        assert!(len <= data.len());
+        let mut out = bytes::BytesMut::new();
+        frame.encode(&mut out);
+        let again = crate::wire::Frame::decode(&out).expect("re-decodes").expect("whole");
+        assert_eq!(again.0, frame);
+    }
+}
+
 /// Log recovery: any bytes as the last segment of a log. The scan's frames are in order and
 /// in bounds, and opening the log keeps exactly those frames, readable.
 pub fn log_recovery(data: &[u8]) {

@@ -8,12 +8,19 @@
 //! - [`fuzzing`]: bodies of the fuzz targets, also run by proptest in CI.
 //! - [`ndjson`]: the NDJSON record view that `log dump` and the read API print.
 //! - [`synth`]: seeded generators of realistic CDRs and sensor readings, for benches and loadgen.
+//! - [`tls`]: mutual TLS for the edge → core link: rustls configs (ring, TLS 1.3), the edge id
+//!   from a client certificate, ALPN versions, and the private CA that issues certificates.
 //! - [`units`]: byte sizes and durations as config values.
+//! - [`ranges`]: sets of seq ranges (what a core holds, what an edge had acknowledged).
+//! - [`wire`]: the edge ↔ core protocol: frames and session state machines.
 
 pub mod batch;
 pub mod fuzzing;
 pub mod ids;
 pub mod log;
 pub mod ndjson;
+pub mod ranges;
 pub mod synth;
+pub mod tls;
 pub mod units;
+pub mod wire;

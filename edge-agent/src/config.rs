@@ -3,7 +3,6 @@
 //! `deploy/edge-agent.example.toml` documents every field; a test loads it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -308,41 +307,17 @@ impl Default for StreamConfig {
     }
 }
 
-/// Every problem found in a config, each with its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file.
-    pub file: PathBuf,
-    /// `(key, reason)` pairs.
-    pub problems: Vec<(String, String)>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid config {}:", self.file.display())?;
-        for (key, reason) in &self.problems {
-            write!(f, "\n  {key}: {reason}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub use shared::config::ConfigError;
 
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let fail = |key: &str, reason: String| ConfigError { file: path.into(), problems: vec![(key.into(), reason)] };
-        let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", e.to_string()))?;
-        Config::parse(&text, path)
+        Config::parse(&shared::config::read(path)?, path)
     }
 
     /// Parses and validates `text` (as if read from `path`).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| {
-            let key = e.span().map_or_else(|| "(syntax)".to_owned(), |s| key_at(text, s.start));
-            ConfigError { file: path.into(), problems: vec![(key, e.message().to_owned())] }
-        })?;
+        let mut config: Config = shared::config::parse_toml(text, path)?;
         config.streams.entry(DEADLETTER_STREAM.into()).or_insert_with(StreamConfig::deadletter_default);
         let problems = config.problems();
         if problems.is_empty() { Ok(config) } else { Err(ConfigError { file: path.into(), problems }) }
@@ -477,26 +452,6 @@ pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
         return Err(format!("{url:?}: no host"));
     }
     Ok((tls, host.to_owned(), port))
-}
-
-/// The dotted key around byte `pos` of a TOML text, for error messages: the nearest
-/// `[table]` header above it and the `key =` on its line.
-fn key_at(text: &str, pos: usize) -> String {
-    let before = &text[..pos.min(text.len())];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    let key = line.split('=').next().filter(|_| line.contains('=')).map(str::trim).unwrap_or("");
-    let table = before
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix('[').map(|t| t.trim_matches(|c| c == '[' || c == ']').to_owned()))
-        .unwrap_or_default();
-    match (table.is_empty(), key.is_empty()) {
-        (true, true) => "(top level)".into(),
-        (true, false) => key.into(),
-        (false, true) => table,
-        (false, false) => format!("{table}.{key}"),
-    }
 }
 
 #[cfg(test)]

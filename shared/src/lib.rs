@@ -10,11 +10,13 @@
 //! - [`synth`]: seeded generators of realistic CDRs and sensor readings, for benches and loadgen.
 //! - [`tls`]: mutual TLS for the edge → core link: rustls configs (ring, TLS 1.3), the edge id
 //!   from a client certificate, ALPN versions, and the private CA that issues certificates.
+//! - [`config`]: strict TOML config files and errors that name the key.
 //! - [`units`]: byte sizes and durations as config values.
 //! - [`ranges`]: sets of seq ranges (what a core holds, what an edge had acknowledged).
 //! - [`wire`]: the edge ↔ core protocol: frames and session state machines.
 
 pub mod batch;
+pub mod config;
 pub mod fuzzing;
 pub mod ids;
 pub mod log;

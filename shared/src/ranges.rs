@@ -140,6 +140,8 @@ impl RangeSet {
 }
 
 #[cfg(test)]
+// One-range sets are the point of several assertions here, not a mistaken range literal.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

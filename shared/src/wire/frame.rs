@@ -463,6 +463,8 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
+// One-range sets are the point of several assertions here, not a mistaken range literal.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

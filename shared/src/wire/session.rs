@@ -391,6 +391,8 @@ impl IngestSession {
 }
 
 #[cfg(test)]
+// One-range sets are the point of several assertions here, not a mistaken range literal.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 

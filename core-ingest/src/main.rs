@@ -1,18 +1,55 @@
-//! `core-ingest`: the core side of Backhaul. This build only answers `--help` and `--version`.
+//! `core-ingest`: parse the command line, start tracing, run the command.
+//! Exit status: 0 done, 1 refused or failed (or an invalid config for `validate`), 2 usage error.
 
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
 use clap::Parser;
+use core_ingest::cli::{Cli, Command};
+use core_ingest::config::Config;
+use tracing_subscriber::EnvFilter;
 
-/// The command line; commands arrive with the service.
-#[derive(Debug, Parser)]
-#[command(
-    name = "core-ingest",
-    version,
-    about = "Backhaul core ingest node: accepts batches from edge agents over QUIC (mTLS), stores them \
-             durably in per-partition logs, answers reads and tiers old segments to S3-compatible storage. \
-             Not implemented yet: this build only answers --help and --version."
-)]
-struct Cli {}
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_writer(io::stderr).with_env_filter(filter).try_init();
+    let result = match &cli.command {
+        Command::Run(args) => run(&args.config),
+        Command::Validate(args) => match Config::load(&args.config) {
+            Ok(c) => {
+                let _ = writeln!(io::stdout(), "{}: ok (node {}, listen {})", args.config.display(), c.node, c.listen);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = writeln!(io::stdout(), "{e}");
+                return ExitCode::from(1);
+            }
+        },
+        command => core_ingest::run_command(command, &mut io::stdout().lock()).map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Best effort: if stderr is gone too there is no one left to tell.
+            let _ = writeln!(io::stderr(), "core-ingest: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
 
-fn main() {
-    Cli::parse();
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(core_ingest::run::run(config, shutdown_signal()))
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -1,5 +1,7 @@
 //! Backhaul's shared core: what edge and core both need, with no tokio and no sockets.
 //!
+//! - [`identity`]: a data directory's random id (edge epoch, core incarnation).
+//! - `admin` (feature `admin`): the admin HTTP endpoint both binaries serve.
 //! - [`ids`]: newtypes for offsets, seqs and epochs.
 //! - [`batch`]: the record model and the batch codec — the one format from edge disk through
 //!   the wire to the bucket.
@@ -13,14 +15,20 @@
 //! - [`config`]: strict TOML config files and errors that name the key.
 //! - [`units`]: byte sizes and durations as config values.
 //! - [`ranges`]: sets of seq ranges (what a core holds, what an edge had acknowledged).
+//! - `quic` (feature `quic`): frames over quinn streams and transport settings, for both ends.
 //! - [`wire`]: the edge ↔ core protocol: frames and session state machines.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod batch;
 pub mod config;
 pub mod fuzzing;
+pub mod identity;
 pub mod ids;
 pub mod log;
 pub mod ndjson;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod ranges;
 pub mod synth;
 pub mod tls;

@@ -1,0 +1,119 @@
+//! The command line. `main.rs` parses it; [`crate::run_command`] runs it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::certs::{CA_DAYS_DEFAULT, EDGE_DAYS_DEFAULT, SERVER_DAYS_DEFAULT};
+
+/// The core's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "core-ingest",
+    version,
+    about = "Backhaul core ingest node: accepts batches from edge agents over QUIC (mTLS), stores them \
+             durably in per-partition logs with dedup, and acknowledges after the fsync. Tiering to S3 and \
+             reads are not built yet.",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node: accept edges over QUIC, store their batches, ack after the fsync.
+    Run(ConfigArgs),
+    /// Check a config file and print every problem with its key; exit 1 if there is any.
+    Validate(ConfigArgs),
+    /// The deployment's private CA and its certificates: edges and cores trust only it.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// Arguments of the commands that read the config.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The TOML config (see deploy/core-ingest.example.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// `core-ingest certs …`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA and this core's server certificate: DIR/ca.pem, ca.key, server.pem, server.key.
+    #[command(after_help = "Refuses to overwrite any of the four files. Keys are written with mode 0600, \
+                            DIR is created with mode 0700. Exit status: 0 done, 1 refused or failed, 2 usage \
+                            error.")]
+    Init(InitArgs),
+    /// Issue an edge's client certificate, signed by the CA of DIR: DIR/edges/ID.pem and ID.key.
+    #[command(after_help = "Refuses to overwrite an existing certificate or key. Prints the lines for the \
+                            edge's config. Exit status: 0 done, 1 refused or failed, 2 usage error.")]
+    Issue(IssueArgs),
+}
+
+/// Arguments of `certs init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to write to; created (mode 0700) if missing.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// A DNS name or IP address edges use to reach this core; repeat for several. The first is
+    /// also the certificate's CommonName.
+    #[arg(long = "name", value_name = "HOST", required = true)]
+    pub names: Vec<String>,
+    /// Days the server certificate is valid.
+    #[arg(long, value_name = "N", default_value_t = SERVER_DAYS_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub days: u32,
+    /// Days the CA is valid; no certificate it issues may outlive it.
+    #[arg(long, value_name = "N", default_value_t = CA_DAYS_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ca_days: u32,
+}
+
+/// Arguments of `certs issue`.
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The directory `certs init` wrote; the CA is read from it.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The edge's id: its `edge_id` setting, the producer of its batches, the certificate's
+    /// CommonName.
+    #[arg(long, value_name = "ID", value_parser = edge_id)]
+    pub edge_id: String,
+    /// Days the certificate is valid.
+    #[arg(long, value_name = "N", default_value_t = EDGE_DAYS_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub days: u32,
+}
+
+/// A valid producer id that can also name the certificate's files.
+fn edge_id(s: &str) -> Result<String, String> {
+    shared::tls::check_edge_id(s).map_err(|e| e.to_string())?;
+    if s.contains('/') {
+        return Err("an edge id with '/' cannot name its certificate file".into());
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn edge_ids_are_checked() {
+        assert!(edge_id("edge-lyon-01").is_ok());
+        assert!(edge_id("site 7 · cell ü").is_ok());
+        for bad in ["", "a/b", "edge\u{7}", &"e".repeat(65)] {
+            assert!(edge_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `core-ingest run`: the store's writer thread, the QUIC acceptor and the admin endpoint.
+//! Shutdown: stop accepting, let the store sync and answer what it holds, stop.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use shared::admin::{self, AdminState, Health};
+use shared::tls;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::server::{self, ServerContext};
+use crate::store::{Store, StoreConfig};
+
+/// Batches waiting for the store: bounds memory when the disk is slower than the edges.
+const STORE_QUEUE_LEN: usize = 8192;
+/// Most QUIC streams an edge may open: a control stream and two lanes per log stream.
+const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+
+/// Runs the node until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let incarnation = shared::identity::open_or_create(&config.data_dir, "backhaul-core")
+        .with_context(|| format!("data directory {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new());
+    health.set_not_ready("starting");
+
+    let store_config = StoreConfig {
+        data_dir: config.data_dir.clone(),
+        partitions: config.partitions,
+        segment_bytes_max: config.segment_bytes_max.0,
+    };
+    let store = Store::open(store_config, metrics.clone()).context("opening the stream logs")?;
+    let (store, store_thread) = store.spawn(STORE_QUEUE_LEN).context("starting the store")?;
+
+    let read = |p: &std::path::Path| tls::load_pem_file(p).map_err(anyhow::Error::from);
+    let server_tls = tls::server_config(
+        &read(&config.tls.ca_file)?,
+        &read(&config.tls.cert_file)?,
+        &read(&config.tls.key_file)?,
+        tls::ALPN_ACCEPTED,
+    )?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).context("TLS config for QUIC")?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server_config.transport_config(shared::quic::transport(
+        config.keep_alive.duration(),
+        config.idle_timeout.duration(),
+        shared::quic::Congestion::Cubic,
+        STREAMS_PER_CONNECTION_MAX,
+    ));
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).with_context(|| format!("listen {}", config.listen))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("admin_listen {}", config.admin_listen))?;
+    let mut admin_stop = stop_rx.clone();
+    let admin_state = AdminState { metrics: metrics.clone(), health: health.clone() };
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
+        let _ = admin_stop.changed().await;
+    }));
+
+    let allow = config.allow_edges.clone().map(|v| v.into_iter().collect());
+    let ctx = Arc::new(ServerContext::new(
+        store.clone(),
+        metrics.clone(),
+        allow,
+        config.connections_max as u64,
+        config.node.clone(),
+        incarnation,
+    ));
+    let mut server_stop = stop_rx.clone();
+    let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx, async move {
+        let _ = server_stop.changed().await;
+    }));
+    tracing::info!(node = %config.node, incarnation = %format!("{incarnation:016x}"), listen = %endpoint.local_addr()?, data_dir = %config.data_dir.display(), "core-ingest ready");
+    health.set_live(true);
+    health.set_ready();
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    health.set_not_ready("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = server_task.await;
+    store.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    let _ = admin_task.await;
+    endpoint.wait_idle().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+impl shared::admin::RenderMetrics for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}

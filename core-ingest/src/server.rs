@@ -1,0 +1,292 @@
+//! The QUIC acceptor: mutual TLS, the edge id from the client certificate, the control stream
+//! (HELLO → WELCOME) and one task per data stream (OPEN, then BATCH frames, answered by ACK
+//! frames after the store's fsync, in order). A bad frame closes that stream with an error code;
+//! other streams and other edges keep flowing. Pure decisions live in `shared::wire::session`.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use shared::batch::{Batch, BatchLimits};
+use shared::wire::frame::{StreamHeld, marks};
+use shared::quic::{read_frame, write_frame};
+use shared::wire::session::{IngestSession, Refusal};
+use shared::wire::{ErrorCode, Frame};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::{Metrics, Refused};
+use crate::store::{StoreHandle, Stored};
+
+/// Acks a data stream may have pending before it stops reading.
+const PIPELINE_MAX: usize = 1024;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct ServerContext {
+    /// The store.
+    pub store: StoreHandle,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Edge ids allowed; `None`: any.
+    pub allow: Option<HashSet<String>>,
+    /// Most connections.
+    pub connections_max: u64,
+    /// This node.
+    pub node: String,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Limits on batches.
+    pub limits: BatchLimits,
+    sessions: Mutex<HashMap<String, (u64, Connection)>>,
+    next_session: AtomicU64,
+}
+
+impl ServerContext {
+    /// The context.
+    pub fn new(store: StoreHandle, metrics: Arc<Metrics>, allow: Option<HashSet<String>>, connections_max: u64, node: String, incarnation: u64) -> Self {
+        ServerContext {
+            store,
+            metrics,
+            allow,
+            connections_max,
+            node,
+            incarnation,
+            limits: BatchLimits::default(),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(endpoint: Endpoint, ctx: Arc<ServerContext>, shutdown: impl Future) {
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = &mut shutdown => break,
+        };
+        let Some(incoming) = incoming else { break };
+        if ctx.metrics.connections.get() >= ctx.connections_max {
+            ctx.metrics.refused(Refused::Overloaded);
+            tracing::warn!(remote = %incoming.remote_address(), max = ctx.connections_max, "connection refused: connections_max reached");
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(handle_incoming(incoming, ctx.clone()));
+    }
+    endpoint.close(VarInt::from(ErrorCode::NoError as u16), b"shutting down");
+}
+
+async fn handle_incoming(incoming: quinn::Incoming, ctx: Arc<ServerContext>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(error) => {
+            ctx.metrics.refused(Refused::Tls);
+            tracing::warn!(%remote, %error, "connection refused in the TLS handshake (unknown CA, expired or invalid certificate?)");
+            return;
+        }
+    };
+    let edge = match edge_of(&conn) {
+        Ok(id) => id,
+        Err(error) => {
+            ctx.metrics.refused(Refused::Identity);
+            tracing::warn!(%remote, %error, "connection refused: the certificate names no edge");
+            close(&conn, ErrorCode::NotAllowed, "certificate names no edge");
+            return;
+        }
+    };
+    if ctx.allow.as_ref().is_some_and(|a| !a.contains(&edge)) {
+        ctx.metrics.refused(Refused::NotAllowed);
+        tracing::warn!(%remote, %edge, "connection refused: edge not in allow_edges");
+        close(&conn, ErrorCode::NotAllowed, "edge not allowed");
+        return;
+    }
+    ctx.metrics.connections.inc();
+    let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
+    let result = run_session(&conn, &edge, id, &ctx).await;
+    ctx.metrics.connections.dec();
+    {
+        let mut sessions = ctx.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.get(&edge).is_some_and(|(sid, _)| *sid == id) {
+            sessions.remove(&edge);
+        }
+    }
+    match result {
+        Ok(()) => tracing::info!(%edge, %remote, "edge disconnected"),
+        Err(r) => {
+            tracing::warn!(%edge, %remote, code = ?r.code, message = %r.message, "session closed");
+            close(&conn, r.code, &r.message);
+        }
+    }
+}
+
+/// The edge id of the peer's certificate.
+fn edge_of(conn: &Connection) -> Result<String, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let first = certs.first().ok_or("empty certificate chain")?;
+    shared::tls::peer_edge_id(first.as_ref()).map_err(|e| e.to_string())
+}
+
+fn close(conn: &Connection, code: ErrorCode, message: &str) {
+    conn.close(VarInt::from(code as u16), message.as_bytes());
+}
+
+async fn run_session(conn: &Connection, edge: &str, id: u64, ctx: &Arc<ServerContext>) -> Result<(), Refusal> {
+    let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await.map_err(|e| refusal(ErrorCode::NoError, e))?;
+    let mut buf = BytesMut::new();
+    let hello = read_frame(&mut ctl_recv, &mut buf).await?.ok_or_else(|| refusal(ErrorCode::Protocol, "no hello"))?;
+    let Frame::Hello { version, epoch, edge_id, streams } = hello else {
+        return Err(refusal(ErrorCode::Protocol, "the first frame must be a hello"));
+    };
+    let mut session = IngestSession::new(edge);
+    let keys = session.handle_hello(version, epoch, &edge_id, &streams)?;
+    let held = ctx.store.held(keys.clone()).await?;
+    let welcome = Frame::Welcome {
+        node: ctx.node.clone(),
+        incarnation: ctx.incarnation,
+        streams: keys.iter().zip(held).map(|(k, h)| StreamHeld { name: k.stream.clone(), held: h }).collect(),
+    };
+    write_frame(&mut ctl_send, &welcome).await?;
+    tracing::info!(%edge, epoch = %format!("{epoch:016x}"), streams = streams.len(), remote = %conn.remote_address(), "edge session started");
+    // A newer session of the same edge supersedes the older one.
+    let older = ctx.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(edge.to_owned(), (id, conn.clone()));
+    if let Some((_, old)) = older {
+        close(&old, ErrorCode::Superseded, "a newer session of this edge took over");
+    }
+    let session = Arc::new(session);
+    // The control stream stays open; later frames (DICT) are read and, for now, only checked.
+    let ctl = tokio::spawn(async move {
+        loop {
+            match read_frame(&mut ctl_recv, &mut buf).await {
+                Ok(Some(Frame::Dict { .. })) => {}
+                Ok(Some(_)) | Err(_) => {
+                    let _ = ctl_recv.stop(VarInt::from(ErrorCode::Protocol as u16));
+                    break;
+                }
+                Ok(None) => break,
+            }
+        }
+    });
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(data_stream(send, recv, session.clone(), ctx.clone()));
+            }
+            Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => break,
+            Err(e) => {
+                tracing::debug!(%edge, error = %e, "connection ended");
+                break;
+            }
+        }
+    }
+    ctl.abort();
+    Ok(())
+}
+
+enum Pending {
+    Ack(std::ops::Range<u64>, oneshot::Receiver<Result<Stored, Refusal>>),
+    Fail(Refusal),
+}
+
+async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<IngestSession>, ctx: Arc<ServerContext>) {
+    let mut buf = BytesMut::new();
+    let stream = match read_frame(&mut recv, &mut buf).await {
+        Ok(Some(Frame::Open { stream, lane })) => {
+            tracing::debug!(edge = %session.edge(), %stream, ?lane, "data stream opened");
+            stream
+        }
+        other => {
+            let r = match other {
+                Err(r) => r,
+                _ => refusal(ErrorCode::Protocol, "a data stream starts with open"),
+            };
+            fail_stream(&mut send, &mut recv, &r, &ctx).await;
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<Pending>(PIPELINE_MAX);
+    // Acks leave in the order the batches came, each after its fsync.
+    let acks = tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            let frame = match p {
+                Pending::Ack(range, answer) => match answer.await {
+                    Ok(Ok(_)) => Frame::Ack { start: range.start, end: range.end, marks: marks::DURABLE },
+                    Ok(Err(r)) => return Some((send, r)),
+                    Err(_) => return Some((send, refusal(ErrorCode::Internal, "store stopped"))),
+                },
+                Pending::Fail(r) => return Some((send, r)),
+            };
+            if write_frame(&mut send, &frame).await.is_err() {
+                return None;
+            }
+        }
+        let _ = send.finish();
+        None
+    });
+    loop {
+        let frame = match read_frame(&mut recv, &mut buf).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(r) => {
+                let _ = tx.send(Pending::Fail(r)).await;
+                break;
+            }
+        };
+        let Frame::Batch(bytes) = frame else {
+            let _ = tx.send(Pending::Fail(refusal(ErrorCode::Protocol, "only batches on a data stream"))).await;
+            break;
+        };
+        ctx.metrics.batches_received.inc();
+        let batch = match Batch::from_bytes(bytes, &ctx.limits) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(Pending::Fail(refusal(ErrorCode::BadBatch, e))).await;
+                break;
+            }
+        };
+        let (key, range) = match session.check_batch(&stream, batch.header()) {
+            Ok(kr) => kr,
+            Err(r) => {
+                let _ = tx.send(Pending::Fail(r)).await;
+                break;
+            }
+        };
+        match ctx.store.append_pipelined(key, range.clone(), batch).await {
+            Ok(answer) => {
+                if tx.send(Pending::Ack(range, answer)).await.is_err() {
+                    break;
+                }
+            }
+            Err(r) => {
+                let _ = tx.send(Pending::Fail(r)).await;
+                break;
+            }
+        }
+    }
+    drop(tx);
+    if let Ok(Some((mut send, r))) = acks.await {
+        fail_stream(&mut send, &mut recv, &r, &ctx).await;
+    }
+}
+
+async fn fail_stream(send: &mut SendStream, recv: &mut RecvStream, r: &Refusal, ctx: &ServerContext) {
+    if matches!(r.code, ErrorCode::BadBatch | ErrorCode::Protocol | ErrorCode::FrameTooLarge | ErrorCode::WrongProducer | ErrorCode::SeqConflict) {
+        ctx.metrics.refused(Refused::BadInput);
+    }
+    tracing::warn!(code = ?r.code, message = %r.message, "data stream closed");
+    let _ = write_frame(send, &Frame::Error { code: r.code, message: r.message.clone() }).await;
+    let _ = send.finish();
+    let _ = recv.stop(VarInt::from(r.code as u16));
+}
+
+fn refusal(code: ErrorCode, e: impl std::fmt::Display) -> Refusal {
+    Refusal { code, message: e.to_string() }
+}

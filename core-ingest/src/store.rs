@@ -1,0 +1,412 @@
+//! The core's store: one log per (stream, partition), a writer thread that group-commits, and
+//! dedup by durable seq ranges per (edge, epoch, stream) (DESIGN §5).
+//!
+//! The writer takes everything queued, appends what is new, fsyncs every log it touched once,
+//! and only then answers: a group commit of many edges' batches. A batch whose whole range was
+//! already appended is a duplicate: it is acknowledged after the same fsync (the original was
+//! appended earlier, so that fsync covers it too) and not stored again. On start the dedup
+//! state is rebuilt from the logs.
+//!
+//! Layout: `<data_dir>/streams/<stream>/partitions` (the count, fixed when the stream is
+//! created) and `<data_dir>/streams/<stream>/<partition>/` (a log).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shared::batch::Batch;
+use shared::ids::Offset;
+use shared::log::storage::{FsStorage, Storage};
+use shared::log::verify::stream_dir;
+use shared::log::{FsyncPolicy, Log, LogConfig};
+use shared::ranges::RangeSet;
+use shared::wire::ErrorCode;
+use shared::wire::session::{DedupIndex, ProducerKey, Refusal, Verdict};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// Most inputs the writer takes before it syncs and answers.
+const DRAIN_MAX: usize = 4096;
+
+/// Settings of the store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Partitions of a new stream.
+    pub partitions: u32,
+    /// Segment size.
+    pub segment_bytes_max: u64,
+}
+
+/// How an append ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Appended and fsynced.
+    Durable,
+    /// Already held; not stored again.
+    Duplicate,
+}
+
+/// Requests to the writer thread.
+#[derive(Debug)]
+pub enum StoreInput {
+    /// Store a batch of `key` covering `range`; answered after the covering fsync.
+    Append(Box<AppendRequest>),
+    /// The durable ranges of `keys` (for a WELCOME).
+    Held {
+        /// Whose.
+        keys: Vec<ProducerKey>,
+        /// The answer, in the same order.
+        reply: oneshot::Sender<Vec<RangeSet>>,
+    },
+    /// Sync and stop.
+    Shutdown,
+}
+
+/// A batch to store; answered after the covering fsync.
+#[derive(Debug)]
+pub struct AppendRequest {
+    /// Whose.
+    pub key: ProducerKey,
+    /// Its seqs.
+    pub range: Range<u64>,
+    /// The batch.
+    pub batch: Batch,
+    /// The answer.
+    pub reply: Reply,
+}
+
+/// Where the answer to an append goes.
+pub type Reply = oneshot::Sender<Result<Stored, Refusal>>;
+
+/// A handle to send requests to the writer.
+#[derive(Clone, Debug)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<StoreInput>,
+}
+
+impl StoreHandle {
+    /// Stores a batch; resolves once it is durable (or known held).
+    pub async fn append(&self, key: ProducerKey, range: Range<u64>, batch: Batch) -> Result<Stored, Refusal> {
+        self.append_pipelined(key, range, batch).await?.await.map_err(|_| stopped())?
+    }
+
+    /// Queues a batch and returns the receiver of its answer, so a data stream can pipeline.
+    pub async fn append_pipelined(
+        &self,
+        key: ProducerKey,
+        range: Range<u64>,
+        batch: Batch,
+    ) -> Result<oneshot::Receiver<Result<Stored, Refusal>>, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let request = Box::new(AppendRequest { key, range, batch, reply });
+        self.tx.send(StoreInput::Append(request)).await.map_err(|_| stopped())?;
+        Ok(rx)
+    }
+
+    /// The durable ranges of `keys`.
+    pub async fn held(&self, keys: Vec<ProducerKey>) -> Result<Vec<RangeSet>, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(StoreInput::Held { keys, reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Asks the writer to sync and stop.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(StoreInput::Shutdown).await;
+    }
+}
+
+fn stopped() -> Refusal {
+    Refusal { code: ErrorCode::Internal, message: "the store is stopping".into() }
+}
+
+struct StreamLogs {
+    logs: Vec<Log>,
+}
+
+/// The writer's state.
+pub struct Store {
+    config: StoreConfig,
+    storage: Arc<dyn Storage>,
+    streams: HashMap<String, StreamLogs>,
+    appended: DedupIndex,
+    durable: DedupIndex,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("streams", &self.streams.len()).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens every stream found under the data directory and rebuilds dedup from the logs.
+    pub fn open(config: StoreConfig, metrics: Arc<Metrics>) -> std::io::Result<Store> {
+        let storage: Arc<dyn Storage> = Arc::new(FsStorage);
+        let mut store = Store {
+            config,
+            storage,
+            streams: HashMap::new(),
+            appended: DedupIndex::new(),
+            durable: DedupIndex::new(),
+            metrics,
+        };
+        let streams_dir = store.config.data_dir.join(shared::log::verify::STREAMS_DIR);
+        let names = match std::fs::read_dir(&streams_dir) {
+            Ok(d) => d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect::<Vec<_>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        for name in names.into_iter().filter(|n| shared::batch::is_valid_stream_name(n)) {
+            store.open_stream(&name).map_err(|e| std::io::Error::other(format!("stream {name}: {e}")))?;
+        }
+        Ok(store)
+    }
+
+    /// Starts the writer thread; returns its handle and the thread.
+    pub fn spawn(self, queue_len: usize) -> std::io::Result<(StoreHandle, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(queue_len);
+        let thread = std::thread::Builder::new().name("store".into()).spawn(move || self.run(rx))?;
+        Ok((StoreHandle { tx }, thread))
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<StoreInput>) {
+        let mut waiting: Vec<(ProducerKey, Range<u64>, Stored, Reply)> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut stop = false;
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(input) = next.take() {
+                taken += 1;
+                match input {
+                    StoreInput::Append(req) => {
+                        let AppendRequest { key, range, batch, reply } = *req;
+                        match self.append(&key, &range, &batch) {
+                            Ok(stored) => waiting.push((key, range, stored, reply)),
+                            Err(refusal) => {
+                                let _ = reply.send(Err(refusal));
+                            }
+                        }
+                    }
+                    StoreInput::Held { keys, reply } => {
+                        let _ = reply.send(keys.iter().map(|k| self.durable.held(k)).collect());
+                    }
+                    StoreInput::Shutdown => stop = true,
+                }
+                if taken < DRAIN_MAX && !stop {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let synced = self.sync_all();
+            for (key, range, stored, reply) in waiting.drain(..) {
+                let answer = if synced {
+                    self.durable.insert(key, range);
+                    Ok(stored)
+                } else {
+                    Err(Refusal { code: ErrorCode::Internal, message: "fsync failed; send again".into() })
+                };
+                let _ = reply.send(answer);
+            }
+            if stop {
+                break;
+            }
+        }
+        self.sync_all();
+    }
+
+    /// Appends unless held; returns how it will be answered after the sync.
+    fn append(&mut self, key: &ProducerKey, range: &Range<u64>, batch: &Batch) -> Result<Stored, Refusal> {
+        match self.appended.check(key, range) {
+            Verdict::Duplicate => {
+                self.metrics.duplicates.inc();
+                return Ok(Stored::Duplicate);
+            }
+            Verdict::Conflict => {
+                self.metrics.conflicts.inc();
+                let held = self.appended.held(key);
+                return Err(Refusal {
+                    code: ErrorCode::SeqConflict,
+                    message: format!("seqs {range:?} partly overlap what is held {held:?}"),
+                });
+            }
+            Verdict::New { handover } => {
+                if handover {
+                    self.metrics.handovers.inc();
+                    tracing::info!(edge = %key.edge, epoch = %format!("{:016x}", key.epoch), stream = %key.stream, from_seq = range.start, "handover: first data of this producer on this node");
+                }
+            }
+        }
+        let partition = self.partition_of(key);
+        let internal = |e: String| Refusal { code: ErrorCode::Internal, message: e };
+        let logs = self.stream_logs(&key.stream).map_err(internal)?;
+        let log = &mut logs.logs[partition];
+        match log.append(batch, now_ms()) {
+            Ok(_) => {
+                if batch.header().is_gap() {
+                    self.metrics.gaps.inc();
+                }
+                self.metrics.batches_stored.inc();
+                self.metrics.bytes_stored.add(batch.bytes().len() as u64);
+                self.appended.insert(key.clone(), range.clone());
+                Ok(Stored::Durable)
+            }
+            Err(e) => {
+                tracing::error!(stream = %key.stream, partition, error = %e, "append failed");
+                let code = if e.is_retryable() { ErrorCode::Overloaded } else { ErrorCode::Internal };
+                if log.is_poisoned() {
+                    self.reopen(&key.stream, partition);
+                }
+                Err(Refusal { code, message: format!("append failed: {e}") })
+            }
+        }
+    }
+
+    /// Fsyncs every log with unsynced appends; false if any failed (those are reopened).
+    fn sync_all(&mut self) -> bool {
+        let mut ok = true;
+        let mut failed = Vec::new();
+        for (name, s) in &mut self.streams {
+            for (p, log) in s.logs.iter_mut().enumerate() {
+                if log.needs_sync()
+                    && let Err(e) = log.sync()
+                {
+                    tracing::error!(stream = %name, partition = p, error = %e, "fsync failed; reopening the log");
+                    failed.push((name.clone(), p));
+                    ok = false;
+                }
+            }
+        }
+        for (name, p) in failed {
+            self.reopen(&name, p);
+        }
+        if ok {
+            self.metrics.group_commits.inc();
+        }
+        ok
+    }
+
+    fn reopen(&mut self, stream: &str, p: usize) {
+        let dir = partition_dir(&self.config.data_dir, stream, p);
+        match Log::open(self.storage.clone(), &dir, self.log_config(), now_ms()) {
+            Ok(log) => {
+                if let Some(s) = self.streams.get_mut(stream) {
+                    s.logs[p] = log;
+                }
+            }
+            Err(e) => tracing::error!(stream, partition = p, error = %e, "reopening failed; will retry"),
+        }
+    }
+
+    fn partition_of(&self, key: &ProducerKey) -> usize {
+        let n = self.streams.get(&key.stream).map_or(self.config.partitions as usize, |s| s.logs.len());
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.edge.hash(&mut h);
+        (h.finish() % n as u64) as usize
+    }
+
+    fn stream_logs(&mut self, stream: &str) -> Result<&mut StreamLogs, String> {
+        if !self.streams.contains_key(stream) {
+            self.open_stream(stream)?;
+        }
+        Ok(self.streams.get_mut(stream).expect("just opened"))
+    }
+
+    fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes_max: self.config.segment_bytes_max,
+            fsync: FsyncPolicy::Interval { interval_ms: 0 },
+            ..LogConfig::default()
+        }
+    }
+
+    /// Opens (creating if new) a stream's partition logs and reads their batches into dedup.
+    fn open_stream(&mut self, stream: &str) -> Result<(), String> {
+        let dir = stream_dir(&self.config.data_dir, stream);
+        let count_file = dir.join("partitions");
+        let partitions = match std::fs::read_to_string(&count_file) {
+            Ok(t) => t.trim().parse::<u32>().map_err(|_| format!("{}: not a number", count_file.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.storage.create_dir_all(&dir).map_err(|e| e.to_string())?;
+                write_synced(&count_file, &format!("{}\n", self.config.partitions)).map_err(|e| e.to_string())?;
+                self.storage.sync_dir(&dir).map_err(|e| e.to_string())?;
+                self.config.partitions
+            }
+            Err(e) => return Err(format!("{}: {e}", count_file.display())),
+        };
+        let mut logs = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions as usize {
+            let mut log = Log::open(
+                self.storage.clone(),
+                &partition_dir(&self.config.data_dir, stream, p),
+                self.log_config(),
+                now_ms(),
+            )
+            .map_err(|e| e.to_string())?;
+            for problem in log.problems() {
+                tracing::warn!(stream, partition = p, %problem, "log recovery");
+            }
+            let mut from = log.start_offset();
+            while from < log.committed_offset() {
+                let read = log.read(from, 8 << 20).map_err(|e| e.to_string())?;
+                for b in &read.batches {
+                    let h = b.batch.header();
+                    let key = ProducerKey { edge: h.producer.clone(), epoch: h.epoch.0, stream: h.stream.clone() };
+                    self.appended.insert(key.clone(), h.base_seq.0..h.end_seq().0);
+                    self.durable.insert(key, h.base_seq.0..h.end_seq().0);
+                }
+                if read.next <= from {
+                    break;
+                }
+                from = read.next;
+            }
+            logs.push(log);
+        }
+        self.streams.insert(stream.into(), StreamLogs { logs });
+        Ok(())
+    }
+}
+
+/// Directory of partition `p` of `stream`.
+pub fn partition_dir(data_dir: &Path, stream: &str, p: usize) -> PathBuf {
+    stream_dir(data_dir, stream).join(p.to_string())
+}
+
+fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Reads every batch of every partition of `stream` (for tools and tests).
+pub fn read_stream(data_dir: &Path, stream: &str) -> std::io::Result<Vec<(usize, Offset, Batch)>> {
+    let dir = stream_dir(data_dir, stream);
+    let partitions: usize =
+        std::fs::read_to_string(dir.join("partitions"))?.trim().parse().map_err(std::io::Error::other)?;
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let cfg = LogConfig { read_only: true, ..LogConfig::default() };
+        let mut log = Log::open(Arc::new(FsStorage), &partition_dir(data_dir, stream, p), cfg, 0)
+            .map_err(std::io::Error::other)?;
+        let mut from = log.start_offset();
+        while from < log.committed_offset() {
+            let read = log.read(from, 8 << 20).map_err(std::io::Error::other)?;
+            out.extend(read.batches.into_iter().map(|b| (p, b.offset, b.batch)));
+            if read.next <= from {
+                break;
+            }
+            from = read.next;
+        }
+    }
+    Ok(out)
+}

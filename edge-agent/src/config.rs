@@ -40,6 +40,98 @@ pub struct Config {
     /// Streams by name (`[streams.cdr]`). `_deadletter` exists even when not listed.
     #[serde(default)]
     pub streams: BTreeMap<String, StreamConfig>,
+    /// Forwarding to core-ingest over QUIC. Absent: the agent keeps data locally only.
+    pub forward: Option<ForwardConfig>,
+}
+
+/// Congestion control of the QUIC connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CongestionConfig {
+    /// Cubic (default).
+    Cubic,
+    /// quinn's experimental BBR, for lossy links.
+    Bbr,
+}
+
+/// `[forward]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Core endpoints, `host:port`. Rendezvous hashing of `edge_id` picks this edge's node;
+    /// the next one takes over when it is lost.
+    pub cores: Vec<String>,
+    /// Name the core certificates carry (a `--name` of `core-ingest certs init`). Default:
+    /// the host part of each endpoint.
+    pub server_name: Option<String>,
+    /// CA certificate (PEM) the core certificates chain to.
+    pub ca_file: PathBuf,
+    /// This edge's client certificate (PEM); its common name must equal `edge_id`.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// Most bytes sent and not yet acknowledged, over all streams.
+    #[serde(default = "ForwardConfig::default_window_bytes")]
+    pub window_bytes: ByteSize,
+    /// Cap on the bytes sent per second (metered backhaul); unset: no cap.
+    pub bandwidth_bytes_per_s: Option<ByteSize>,
+    /// QUIC keep-alive; at most 15 s so NAT bindings on mobile backhaul do not expire.
+    #[serde(default = "ForwardConfig::default_keep_alive")]
+    pub keep_alive: Millis,
+    /// A connection silent this long is given up.
+    #[serde(default = "ForwardConfig::default_idle_timeout")]
+    pub idle_timeout: Millis,
+    /// `cubic` or `bbr`.
+    #[serde(default = "ForwardConfig::default_congestion")]
+    pub congestion: CongestionConfig,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    #[serde(default = "BrokerConfig::default_reconnect_min")]
+    pub reconnect_min: Millis,
+    /// Longest reconnect delay.
+    #[serde(default = "BrokerConfig::default_reconnect_max")]
+    pub reconnect_max: Millis,
+    /// After a failover, how long to stay on the other node before trying the primary again.
+    #[serde(default = "ForwardConfig::default_hold_down")]
+    pub failover_hold_down: Millis,
+}
+
+impl ForwardConfig {
+    fn default_window_bytes() -> ByteSize {
+        ByteSize(8 << 20)
+    }
+    fn default_keep_alive() -> Millis {
+        Millis(10_000)
+    }
+    fn default_idle_timeout() -> Millis {
+        Millis(60_000)
+    }
+    fn default_congestion() -> CongestionConfig {
+        CongestionConfig::Cubic
+    }
+    fn default_hold_down() -> Millis {
+        Millis(300_000)
+    }
+}
+
+/// Order of forwarding after an outage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryConfig {
+    /// New data first; the backlog drains behind it on its own lane.
+    LiveFirst,
+    /// Everything in seq order.
+    OldestFirst,
+}
+
+/// When the edge may delete forwarded data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseOn {
+    /// Once the core has it fsynced.
+    Durable,
+    /// Once the core has it in the bucket (two copies until then). The core does not tier
+    /// yet: with this setting nothing is released, and the disk budget decides.
+    Tiered,
 }
 
 /// `[admin]`
@@ -242,6 +334,19 @@ pub struct StreamConfig {
     /// without its payload, and never stalls other topics.
     #[serde(default = "StreamConfig::default_record_bytes_max")]
     pub record_bytes_max: ByteSize,
+    /// `live_first` or `oldest_first` after an outage.
+    #[serde(default = "StreamConfig::default_delivery")]
+    pub delivery: DeliveryConfig,
+    /// Forwarding priority: higher goes first (CDRs before sensor data).
+    #[serde(default)]
+    pub priority: i32,
+    /// `durable` or `tiered`: when forwarded data may be deleted here.
+    #[serde(default = "StreamConfig::default_release_on")]
+    pub release_on: ReleaseOn,
+    /// Whether this stream is forwarded at all (`_deadletter` is not, by default: it may hold
+    /// raw personal data).
+    #[serde(default = "StreamConfig::default_forwarded")]
+    pub forwarded: bool,
 }
 
 impl StreamConfig {
@@ -275,6 +380,15 @@ impl StreamConfig {
     fn default_record_bytes_max() -> ByteSize {
         ByteSize(256 << 10)
     }
+    fn default_delivery() -> DeliveryConfig {
+        DeliveryConfig::LiveFirst
+    }
+    fn default_release_on() -> ReleaseOn {
+        ReleaseOn::Durable
+    }
+    fn default_forwarded() -> bool {
+        true
+    }
 
     /// The dead-letter stream's settings when the config has none: raw, kept by dropping
     /// its own oldest data, never blocking the streams that feed it.
@@ -283,6 +397,7 @@ impl StreamConfig {
             disk_budget_bytes: Some(ByteSize(256 << 20)),
             segment_bytes_max: ByteSize(16 << 20),
             full_policy: FullPolicy::DropOldest,
+            forwarded: false,
             ..Self::default()
         }
     }
@@ -303,6 +418,10 @@ impl Default for StreamConfig {
             full_policy: Self::default_full_policy(),
             retention_age: None,
             record_bytes_max: Self::default_record_bytes_max(),
+            delivery: Self::default_delivery(),
+            priority: 0,
+            release_on: Self::default_release_on(),
+            forwarded: Self::default_forwarded(),
         }
     }
 }
@@ -392,6 +511,40 @@ impl Config {
         {
             p.push(("routing.unmatched_stream".into(), format!("no [streams.{s}]")));
         }
+        if let Some(f) = &self.forward {
+            if f.cores.is_empty() {
+                p.push(("forward.cores".into(), "at least one core endpoint".into()));
+            }
+            for (i, c) in f.cores.iter().enumerate() {
+                if let Err(e) = split_host_port(c) {
+                    p.push((format!("forward.cores[{i}]"), e));
+                }
+            }
+            for (key, file) in [("forward.ca_file", &f.ca_file), ("forward.cert_file", &f.cert_file), ("forward.key_file", &f.key_file)] {
+                if !file.is_file() {
+                    p.push((key.into(), format!("{} is not a readable file", file.display())));
+                }
+            }
+            if f.cert_file.is_file() {
+                match cert_file_edge_id(&f.cert_file) {
+                    Ok(id) if id == self.edge_id => {}
+                    Ok(id) => p.push(("forward.cert_file".into(), format!("the certificate names edge {id:?}, edge_id is {:?}", self.edge_id))),
+                    Err(e) => p.push(("forward.cert_file".into(), e.to_string())),
+                }
+            }
+            if f.keep_alive.0 == 0 || f.keep_alive.0 > 15_000 {
+                p.push(("forward.keep_alive".into(), "between 1ms and 15s (NAT bindings on mobile backhaul expire)".into()));
+            }
+            if f.idle_timeout <= f.keep_alive {
+                p.push(("forward.idle_timeout".into(), "above keep_alive".into()));
+            }
+            if f.window_bytes.0 < 64 << 10 {
+                p.push(("forward.window_bytes".into(), "at least 64KiB".into()));
+            }
+            if f.bandwidth_bytes_per_s.is_some_and(|b| b.0 < 1024) {
+                p.push(("forward.bandwidth_bytes_per_s".into(), "at least 1KiB (or unset)".into()));
+            }
+        }
         for (name, s) in &self.streams {
             let k = |f: &str| format!("streams.{name}.{f}");
             if !is_valid_stream_name(name) {
@@ -431,6 +584,23 @@ impl Config {
         }
         p
     }
+}
+
+/// The edge id (common name) of the first certificate in a PEM file.
+pub fn cert_file_edge_id(path: &Path) -> Result<String, String> {
+    let pem = shared::tls::load_pem_file(path).map_err(|e| e.to_string())?;
+    shared::tls::cert_pem_edge_id(&pem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `host:port` split; the error says what is wrong.
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?}: expected host:port"))?;
+    let port = port.parse::<u16>().map_err(|_| format!("{s:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?}: no host"));
+    }
+    Ok((host.to_owned(), port))
 }
 
 /// A broker URL's parts: (tls, host, port).

@@ -3,21 +3,17 @@
 //!
 //! - [`cli`]: the command line (clap derive); `main.rs` parses it and runs the command.
 //! - [`config`]: the TOML config, parsed strictly and validated with key and reason.
-//! - [`identity`]: the data directory's producer epoch.
 //! - [`route`]: MQTT topic filters to streams (pure).
 //! - [`ingest`]: the broker connections: [`ingest::session`] (pure ack bookkeeping) and
 //!   [`ingest::driver`] (rumqttc).
 //! - [`writer`]: batches, logs, fsyncs, disk budget, and which PUBACKs may leave.
 //! - [`run`]: wires the above into the running agent.
 //! - [`metrics`]: every metric, declared once; Prometheus text exposition.
-//! - [`admin`]: the admin endpoint: /metrics, /healthz, /readyz.
 //! - [`status`]: `edge-agent status`, a summary from a running agent's admin endpoint.
 //! - [`logcmd`]: `log verify` and `log dump`, read-only views of a data directory's logs.
 
-pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod identity;
 pub mod ingest;
 pub mod logcmd;
 pub mod metrics;

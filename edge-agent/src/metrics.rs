@@ -905,6 +905,12 @@ fn seconds(us: u64) -> f64 {
     us as f64 / 1e6
 }
 
+impl shared::admin::RenderMetrics for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

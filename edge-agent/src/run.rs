@@ -14,9 +14,8 @@ use anyhow::Context;
 use shared::log::storage::FsStorage;
 use tokio::sync::{mpsc, watch};
 
-use crate::admin::{self, AdminState, Health};
+use shared::admin::{self, AdminState, Health};
 use crate::config::Config;
-use crate::identity;
 use crate::ingest::driver::{ConnParams, drive_connection};
 use crate::metrics::Metrics;
 use crate::writer::{ConnInfo, Input, Writer};
@@ -30,7 +29,8 @@ const WRITER_DRAIN_MAX: usize = 1024;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // One crypto provider everywhere (DESIGN §9); an error only means one is installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let epoch = identity::open_or_create(&config.data_dir)
+    let epoch = shared::identity::open_or_create(&config.data_dir, "backhaul-edge")
+        .map(shared::ids::Epoch)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
     let names = config.stream_names();
     let conn_names: Vec<String> = config.brokers.iter().map(|b| b.name.clone()).collect();
@@ -140,7 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 fn writer_loop(
     mut writer: Writer,
     mut rx: mpsc::Receiver<Input>,
-    acks: Vec<mpsc::UnboundedSender<u16>>,
+    acks: Vec<mpsc::UnboundedSender<(u16, u64)>>,
     clock: Instant,
 ) {
     while let Some(first) = rx.blocking_recv() {
@@ -155,7 +155,7 @@ fn writer_loop(
         }
         let now_us = clock.elapsed().as_micros() as u64;
         for ack in writer.drive(now_us, wall_ms(), stop) {
-            let _ = acks[ack.conn].send(ack.pkid);
+            let _ = acks[ack.conn].send((ack.pkid, ack.generation));
         }
         if stop {
             break;

@@ -1,6 +1,6 @@
 //! `edge-agent status`: a running agent's readiness and metrics, summarised for a person.
 //!
-//! Reads `/readyz` and `/metrics` from the agent's admin endpoint ([`crate::admin`]) with a
+//! Reads `/readyz` and `/metrics` from the agent's admin endpoint ((`shared::admin`)) with a
 //! tiny blocking HTTP/1.1 GET (one request per connection, as that endpoint answers), parses
 //! the exposition back into a [`Snapshot`] and prints readiness, broker connections, per
 //! stream counts and the receive-to-ack p50/p99 estimated from the histogram's buckets.
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::admin::Readiness;
+use shared::admin::Readiness;
 use crate::metrics::{DropReason, HistogramSnapshot, ParseError, Snapshot};
 
 /// Why `status` could not report.
@@ -306,19 +306,19 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::{self, AdminState, Health};
+    use shared::admin::{self, AdminState, Health};
     use crate::metrics::Metrics;
     use shared::ids::Offset;
     use std::sync::Arc;
 
-    async fn start_agent() -> (SocketAddr, AdminState, tokio::sync::oneshot::Sender<()>) {
+    async fn start_agent() -> (SocketAddr, AdminState, Arc<Metrics>, tokio::sync::oneshot::Sender<()>) {
         let metrics = Arc::new(Metrics::new(&["cdr", "sensors"], &["gw-fast", "gw-slow"]));
-        let state = AdminState { metrics, health: Arc::new(Health::new()) };
+        let state = AdminState { metrics: metrics.clone(), health: Arc::new(Health::new()) };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(admin::serve(listener, state.clone(), stopped));
-        (addr, state, stop)
+        (addr, state, metrics, stop)
     }
 
     async fn run_status(addr: SocketAddr) -> Result<String, StatusError> {
@@ -332,8 +332,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn status_summarises_a_running_agent() {
-        let (addr, state, stop) = start_agent().await;
-        let m = &state.metrics;
+        let (addr, state, metrics, stop) = start_agent().await;
+        let m = &metrics;
         let (cdr, sensors) = (m.stream_id("cdr").unwrap(), m.stream_id("sensors").unwrap());
         m.add_received(cdr, 1200);
         m.add_appended(cdr, 1190);

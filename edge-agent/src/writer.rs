@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use shared::batch::{
@@ -36,6 +36,16 @@ const HOUSEKEEPING_INTERVAL_US: u64 = 1_000_000;
 pub const ATTR_REASON: &str = "deadletter.reason";
 /// Attribute naming the stream a dead-lettered record was meant for.
 pub const ATTR_STREAM: &str = "deadletter.stream";
+
+/// A stream's log, shared by the writer (appends, syncs, budget) and the forwarder (reads,
+/// release). Held only for one call at a time; an fsync holds it for the fsync's duration.
+pub type SharedLog = Arc<Mutex<Log>>;
+
+/// Locks a shared log. A panic elsewhere while holding it leaves a log whose own invariants
+/// still hold (every call either completes or poisons the log), so the guard is taken anyway.
+pub fn lock(log: &Mutex<Log>) -> MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A message from a broker connection.
 #[derive(Clone, Debug)]
@@ -67,6 +77,9 @@ pub enum Input {
     Reset {
         /// Connection index.
         conn: usize,
+        /// The connection's generation from now on; acks carry it, and the connection
+        /// drops acks of an older generation (their messages are redelivered).
+        generation: u64,
     },
     /// Time passed.
     Tick,
@@ -81,6 +94,8 @@ pub struct Ack {
     pub conn: usize,
     /// Packet id.
     pub pkid: u16,
+    /// The connection generation it belongs to (see [`Input::Reset`]).
+    pub generation: u64,
     /// When its PUBLISH came in, µs.
     pub received_us: u64,
 }
@@ -99,7 +114,7 @@ struct StreamState {
     cfg: StreamConfig,
     dir: PathBuf,
     log_config: LogConfig,
-    log: Log,
+    log: SharedLog,
     meta: BatchMeta,
     encoder: BatchEncoder,
     builder: BatchBuilder,
@@ -117,6 +132,7 @@ struct StreamState {
 pub struct Writer {
     streams: Vec<StreamState>,
     sessions: Vec<AckSession>,
+    generations: Vec<u64>,
     conns: Vec<ConnInfo>,
     router: Router,
     deadletter: usize,
@@ -180,6 +196,7 @@ impl Writer {
         let router = Router::new(&rules, config.routing.unmatched_stream.as_deref().map(id));
         let mut w = Writer {
             sessions: conns.iter().map(|_| AckSession::new()).collect(),
+            generations: vec![0; conns.len()],
             deadletter: id(DEADLETTER_STREAM),
             streams,
             conns,
@@ -202,7 +219,10 @@ impl Writer {
     pub fn handle_input(&mut self, input: Input) -> bool {
         match input {
             Input::Publish(msg) => self.handle_publish(msg),
-            Input::Reset { conn } => self.sessions[conn].handle_reset(),
+            Input::Reset { conn, generation } => {
+                self.sessions[conn].handle_reset();
+                self.generations[conn] = generation;
+            }
             Input::Tick => {}
             Input::Shutdown => return true,
         }
@@ -306,7 +326,7 @@ impl Writer {
             if now_us >= self.streams[si].next_housekeeping_us {
                 self.streams[si].next_housekeeping_us = now_us + HOUSEKEEPING_INTERVAL_US;
                 self.expire(si, now_ms);
-                let oldest = self.streams[si].log.oldest_event_ms();
+                let oldest = lock(&self.streams[si].log).oldest_event_ms();
                 let age_ms = oldest.map_or(0, |t| now_ms.saturating_sub(t).max(0) as u64);
                 self.metrics.set_oldest_unforwarded_age(self.mids[si], std::time::Duration::from_millis(age_ms));
             }
@@ -318,7 +338,7 @@ impl Writer {
             for (pkid, received_us) in session.poll_acks(is_committed) {
                 self.metrics
                     .observe_receive_to_ack(std::time::Duration::from_micros(now_us.saturating_sub(received_us)));
-                acks.push(Ack { conn, pkid, received_us });
+                acks.push(Ack { conn, pkid, generation: self.generations[conn], received_us });
             }
         }
         acks
@@ -337,7 +357,7 @@ impl Writer {
             }
             let s = &mut self.streams[si];
             let (_, mut builder) = s.closed.pop_front().expect("front exists");
-            s.meta.base_seq = Seq(s.log.next_offset().0);
+            s.meta.base_seq = Seq(lock(&s.log).next_offset().0);
             self.out.clear();
             let raw_len = builder.raw_len() as u64;
             let header = match s.encoder.finish(&mut builder, &s.meta, &mut self.out) {
@@ -350,7 +370,8 @@ impl Writer {
                 }
             };
             let batch = Batch::from_bytes(self.out.split().freeze(), &BatchLimits::default()).expect("just encoded");
-            match s.log.append(&batch, now_ms) {
+            let appended = lock(&s.log).append(&batch, now_ms);
+            match appended {
                 Ok(a) => {
                     s.appended.push_back((no, a.end));
                     self.metrics.add_appended(self.mids[si], u64::from(header.record_count));
@@ -383,7 +404,7 @@ impl Writer {
 
     fn sync_if_due(&mut self, si: usize, now_us: u64, now_ms: i64, urgent: bool) {
         let s = &mut self.streams[si];
-        if !s.log.needs_sync() {
+        if !lock(&s.log).needs_sync() {
             return;
         }
         let due = match s.cfg.fsync {
@@ -394,7 +415,8 @@ impl Writer {
             return;
         }
         s.last_sync_us = now_us;
-        if let Err(e) = s.log.sync() {
+        let synced = lock(&s.log).sync();
+        if let Err(e) = synced {
             tracing::error!(stream = %s.name, error = %e, "fsync failed; reopening the log");
             self.metrics.add_append_error(self.mids[si]);
             self.reopen(si, now_ms);
@@ -403,7 +425,7 @@ impl Writer {
 
     fn advance_committed(&mut self, si: usize) {
         let s = &mut self.streams[si];
-        let committed = s.log.committed_offset();
+        let committed = lock(&s.log).committed_offset();
         while s.appended.front().is_some_and(|&(_, end)| end <= committed) {
             s.appended.pop_front();
         }
@@ -415,7 +437,7 @@ impl Writer {
     fn reopen(&mut self, si: usize, now_ms: i64) {
         let s = &mut self.streams[si];
         match Log::open(self.storage.clone(), &s.dir, s.log_config, now_ms) {
-            Ok(log) => s.log = log,
+            Ok(log) => *lock(&s.log) = log,
             Err(e) => tracing::error!(stream = %s.name, error = %e, "reopening the log failed; will retry"),
         }
     }
@@ -424,11 +446,11 @@ impl Writer {
     fn over_budget(&self, si: usize, extra: u64) -> Option<String> {
         let s = &self.streams[si];
         if let Some(b) = s.cfg.disk_budget_bytes
-            && s.log.disk_bytes() + extra > b.0
+            && lock(&s.log).disk_bytes() + extra > b.0
         {
             return Some(format!("stream budget {b} reached"));
         }
-        let total: u64 = self.streams.iter().map(|s| s.log.disk_bytes()).sum();
+        let total: u64 = self.streams.iter().map(|s| lock(&s.log).disk_bytes()).sum();
         match self.total_budget {
             Some(b) if total + extra > b => Some(format!("total disk budget {} reached", shared::units::ByteSize(b))),
             _ => None,
@@ -437,7 +459,7 @@ impl Writer {
 
     /// Replaces the stream's oldest data segment with a gap batch. False if none is left.
     fn drop_oldest(&mut self, si: usize) -> bool {
-        let segs = self.streams[si].log.segments();
+        let segs = lock(&self.streams[si].log).segments();
         match segs[..segs.len() - 1].iter().find(|g| g.bytes > GAP_SEGMENT_BYTES_MAX) {
             Some(victim) => self.gap_out(si, victim, GapReason::DiskFullDropOldest, DropReason::DiskFullDropOldest),
             None => false,
@@ -448,7 +470,7 @@ impl Writer {
     fn expire(&mut self, si: usize, now_ms: i64) {
         let Some(age) = self.streams[si].cfg.retention_age else { return };
         let horizon = now_ms.saturating_sub(age.0 as i64);
-        let segs = self.streams[si].log.segments();
+        let segs = lock(&self.streams[si].log).segments();
         for victim in &segs[..segs.len() - 1] {
             match victim.ts_range {
                 Some((_, newest)) if newest < horizon => {
@@ -473,7 +495,7 @@ impl Writer {
         let gap = encode_gap(&meta, count, reason, ts, &mut out)
             .map_err(|e| e.to_string())
             .and_then(|_| Batch::from_bytes(out.freeze(), &BatchLimits::default()).map_err(|e| e.to_string()));
-        let result = gap.and_then(|g| s.log.replace_segment_with_gap(victim.base, &g).map_err(|e| e.to_string()));
+        let result = gap.and_then(|g| lock(&s.log).replace_segment_with_gap(victim.base, &g).map_err(|e| e.to_string()));
         match result {
             Ok(_) => {
                 tracing::warn!(stream = %s.name, from_seq = victim.base.0, to_seq = victim.end.0, ?reason, "dropped a segment; gap recorded");
@@ -502,8 +524,8 @@ impl Writer {
 
     fn update_gauges(&self, si: usize) {
         let s = &self.streams[si];
-        self.metrics.set_log_bytes(self.mids[si], s.log.disk_bytes());
-        self.metrics.set_committed_offset(self.mids[si], s.log.committed_offset());
+        self.metrics.set_log_bytes(self.mids[si], lock(&s.log).disk_bytes());
+        self.metrics.set_committed_offset(self.mids[si], lock(&s.log).committed_offset());
     }
 
     /// Reads the tail of every log for records taken from our connections, so a redelivery
@@ -511,10 +533,10 @@ impl Writer {
     fn remember_log_tails(&mut self) {
         let window: u64 = 4 * self.conns.iter().map(|c| c.inflight_max as u64).sum::<u64>();
         for s in &mut self.streams {
-            let end = s.log.committed_offset();
-            let mut from = Offset(end.0.saturating_sub(window).max(s.log.start_offset().0));
+            let end = lock(&s.log).committed_offset();
+            let mut from = Offset(end.0.saturating_sub(window).max(lock(&s.log).start_offset().0));
             while from < end {
-                let Ok(read) = s.log.read(from, 1 << 20) else { break };
+                let Ok(read) = lock(&s.log).read(from, 1 << 20) else { break };
                 for lb in &read.batches {
                     let Ok(records) = lb.batch.records() else { continue };
                     for r in records {
@@ -580,7 +602,7 @@ fn open_stream(
         cfg,
         dir,
         log_config,
-        log,
+        log: Arc::new(Mutex::new(log)),
         meta,
         encoder,
         builder: BatchBuilder::new(),
@@ -793,11 +815,11 @@ fsync = "always"
             w.drive(u64::from(i) * 1000, 2000, false);
         }
         assert_eq!(w.streams[2].name, "sensors");
-        let segments_before = w.streams[2].log.segments().len();
-        assert!(segments_before > 2, "{:?}", w.streams[2].log.segments());
+        let segments_before = lock(&w.streams[2].log).segments().len();
+        assert!(segments_before > 2, "{:?}", lock(&w.streams[2].log).segments());
         // Two hours later, everything closed is past retention.
         w.drive(10_000_000, 2 * 3_600_000, false);
-        let segs = w.streams[2].log.segments();
+        let segs = lock(&w.streams[2].log).segments();
         assert_eq!(segs.len(), segments_before);
         assert!(segs[..segs.len() - 1].iter().all(|s| s.bytes <= GAP_SEGMENT_BYTES_MAX), "{segs:?}");
         let snap = w.metrics.snapshot();

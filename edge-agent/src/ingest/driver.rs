@@ -4,6 +4,7 @@
 //! and resubscribe. The broker's `$SYS` drop counter is watched and reported.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -34,8 +35,8 @@ pub struct ConnParams {
     pub password: Option<String>,
     /// Where PUBLISHes go.
     pub writer: mpsc::Sender<Input>,
-    /// PUBACKs to send, in order.
-    pub acks: mpsc::UnboundedReceiver<u16>,
+    /// PUBACKs to send, in order, with the connection generation they belong to.
+    pub acks: mpsc::UnboundedReceiver<(u16, u64)>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// This connection's metric id.
@@ -83,6 +84,7 @@ fn ca_bytes(b: &BrokerConfig) -> Result<Option<Vec<u8>>, String> {
 enum Event {
     Publish { pkid: u16, qos: u8, dup: bool, topic: String, payload: Bytes },
     ConnAck { session_present: bool },
+    SubAck,
     SentDisconnect,
     Other,
 }
@@ -95,10 +97,18 @@ macro_rules! connection_loop {
         let name = p.broker.name.clone();
         // PUBACKs leave from their own task so the event loop never waits on the request
         // channel it is supposed to drain.
+        // An ack of an older generation is for a message the broker redelivers on the new
+        // connection (and the writer acks again): sending it could acknowledge a different
+        // message that reuses the packet id.
         let ack_client = $client.clone();
+        let generation = Arc::new(AtomicU64::new(0));
+        let ack_generation = generation.clone();
         let mut acks = std::mem::replace(&mut p.acks, mpsc::unbounded_channel().1);
         let mut ack_task = tokio::spawn(async move {
-            while let Some(pkid) = acks.recv().await {
+            while let Some((pkid, g)) = acks.recv().await {
+                if g != ack_generation.load(Ordering::Acquire) {
+                    continue;
+                }
                 if ack_client.ack(&$publish_for_ack(pkid)).await.is_err() {
                     break;
                 }
@@ -112,9 +122,13 @@ macro_rules! connection_loop {
                 _ = p.shutdown.changed() => break,
             };
             match polled.map($to_event) {
+                Ok(Event::SubAck) => {
+                    // Connected counts once the subscriptions hold: before that, a message
+                    // published to the broker would not be kept for this session.
+                    p.metrics.set_broker_connected(p.metric_id, true);
+                }
                 Ok(Event::ConnAck { session_present }) => {
                     attempt = 0;
-                    p.metrics.set_broker_connected(p.metric_id, true);
                     tracing::info!(connection = %name, session_present, "connected to broker");
                     let client = $client.clone();
                     let filters = p.broker.subscriptions.clone();
@@ -154,7 +168,8 @@ macro_rules! connection_loop {
                 Err(error) => {
                     p.metrics.set_broker_connected(p.metric_id, false);
                     p.metrics.add_broker_reconnect(p.metric_id);
-                    let _ = p.writer.send(Input::Reset { conn: p.conn }).await;
+                    let g = generation.fetch_add(1, Ordering::AcqRel) + 1;
+                    let _ = p.writer.send(Input::Reset { conn: p.conn, generation: g }).await;
                     let delay = backoff(attempt, &p.broker);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(connection = %name, %error, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
@@ -224,6 +239,7 @@ mod v311 {
             }
             rumqttc::Event::Incoming(Packet::ConnAck(a)) => Event::ConnAck { session_present: a.session_present },
             rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Event::SentDisconnect,
+            rumqttc::Event::Incoming(Packet::SubAck(_)) => Event::SubAck,
             _ => Event::Other,
         }
     }
@@ -285,6 +301,7 @@ mod v5 {
             },
             rumqttc::v5::Event::Incoming(Packet::ConnAck(a)) => Event::ConnAck { session_present: a.session_present },
             rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Event::SentDisconnect,
+            rumqttc::v5::Event::Incoming(Packet::SubAck(_)) => Event::SubAck,
             _ => Event::Other,
         }
     }

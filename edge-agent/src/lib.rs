@@ -1,11 +1,12 @@
 //! Backhaul's edge agent: MQTT in, a crash-safe local log per stream, PUBACK only once a
-//! message is durable (docs/ARCHITECTURE.md). Forwarding to core-ingest comes next.
+//! message is durable, forwarded over QUIC to core-ingest (docs/ARCHITECTURE.md).
 //!
 //! - [`cli`]: the command line (clap derive); `main.rs` parses it and runs the command.
 //! - [`config`]: the TOML config, parsed strictly and validated with key and reason.
 //! - [`route`]: MQTT topic filters to streams (pure).
 //! - [`ingest`]: the broker connections: [`ingest::session`] (pure ack bookkeeping) and
 //!   [`ingest::driver`] (rumqttc).
+//! - [`forward`]: forwarding to core-ingest over QUIC: session driver, cursors, node choice.
 //! - [`writer`]: batches, logs, fsyncs, disk budget, and which PUBACKs may leave.
 //! - [`run`]: wires the above into the running agent.
 //! - [`metrics`]: every metric, declared once; Prometheus text exposition.
@@ -14,6 +15,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod forward;
 pub mod ingest;
 pub mod logcmd;
 pub mod metrics;

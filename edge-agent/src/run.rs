@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, watch};
 
 use shared::admin::{self, AdminState, Health};
 use crate::config::Config;
+use crate::forward::cursors::Cursors;
+use crate::forward::driver::{ForwardMetrics, ForwardParams, ForwardStream, drive_forwarder};
 use crate::ingest::driver::{ConnParams, drive_connection};
 use crate::metrics::Metrics;
 use crate::writer::{ConnInfo, Input, Writer};
@@ -51,7 +53,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("admin.listen {}", config.admin.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin_state = AdminState { metrics: metrics.clone(), health: health.clone() };
+    let forward_metrics = Arc::new(ForwardMetrics::default());
+    let admin_state = AdminState {
+        metrics: Arc::new(AgentMetrics { agent: metrics.clone(), forward: forward_metrics.clone() }),
+        health: health.clone(),
+    };
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
         let _ = admin_stop.changed().await;
@@ -78,6 +84,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         };
         conn_tasks.push(tokio::spawn(drive_connection(params)));
     }
+
+    let forwarder = match &config.forward {
+        None => None,
+        Some(fc) => {
+            let mut streams: Vec<ForwardStream> = config
+                .streams
+                .iter()
+                .filter(|(_, s)| s.forwarded)
+                .map(|(name, s)| ForwardStream {
+                    name: name.clone(),
+                    log: writer.shared_log(name).expect("the writer has every stream"),
+                    delivery: s.delivery,
+                    priority: s.priority,
+                    release_on: s.release_on,
+                })
+                .collect();
+            streams.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+            let cursors = Cursors::open(&config.data_dir.join("forward.sqlite")).context("opening the forwarding cursors")?;
+            let params = ForwardParams {
+                config: fc.clone(),
+                edge_id: config.edge_id.clone(),
+                epoch,
+                streams,
+                committed: writer.committed_notify(),
+                metrics: forward_metrics.clone(),
+                cursors,
+                shutdown: stop_rx.clone(),
+            };
+            Some(tokio::spawn(async move {
+                if let Err(e) = drive_forwarder(params).await {
+                    tracing::error!(error = %e, "forwarder stopped");
+                }
+            }))
+        }
+    };
 
     let tick = tick_interval(&config);
     let ticker_tx = in_tx.clone();
@@ -124,6 +165,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = stop_tx.send(true);
     for t in conn_tasks {
         let _ = t.await;
+    }
+    if let Some(f) = forwarder {
+        let _ = f.await;
     }
     let _ = admin_task.await;
     health.set_live(false);
@@ -172,4 +216,19 @@ fn tick_interval(config: &Config) -> Duration {
 
 fn wall_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What `/metrics` serves: the agent's metrics and the forwarder's.
+#[derive(Debug)]
+struct AgentMetrics {
+    agent: Arc<Metrics>,
+    forward: Arc<ForwardMetrics>,
+}
+
+impl shared::admin::RenderMetrics for AgentMetrics {
+    fn render(&self) -> String {
+        let mut text = self.agent.render();
+        text.push_str(&self.forward.render());
+        text
+    }
 }

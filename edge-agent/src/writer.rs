@@ -139,6 +139,8 @@ pub struct Writer {
     storage: Arc<dyn Storage>,
     total_budget: Option<u64>,
     metrics: Arc<Metrics>,
+    /// Told whenever a committed offset moves (the forwarder waits on it).
+    committed: Arc<tokio::sync::Notify>,
     /// Metric ids of the streams, by stream index.
     mids: Vec<StreamId>,
     out: BytesMut,
@@ -205,6 +207,7 @@ impl Writer {
             total_budget: config.disk.budget_bytes.map(|b| b.0),
             mids: names.iter().map(|n| metrics.stream_id(n).expect("metrics know every stream")).collect(),
             metrics,
+            committed: Arc::new(tokio::sync::Notify::new()),
             out: BytesMut::new(),
         };
         w.remember_log_tails();
@@ -227,6 +230,16 @@ impl Writer {
             Input::Shutdown => return true,
         }
         false
+    }
+
+    /// The shared log of stream `name`, for the forwarder.
+    pub fn shared_log(&self, name: &str) -> Option<SharedLog> {
+        self.streams.iter().find(|s| s.name == name).map(|s| s.log.clone())
+    }
+
+    /// Signalled whenever a committed offset moves.
+    pub fn committed_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.committed.clone()
     }
 
     /// Stream names, by index.
@@ -426,6 +439,9 @@ impl Writer {
     fn advance_committed(&mut self, si: usize) {
         let s = &mut self.streams[si];
         let committed = lock(&s.log).committed_offset();
+        if s.appended.front().is_some_and(|&(_, end)| end <= committed) {
+            self.committed.notify_one();
+        }
         while s.appended.front().is_some_and(|&(_, end)| end <= committed) {
             s.appended.pop_front();
         }

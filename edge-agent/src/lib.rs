@@ -26,18 +26,15 @@ pub mod writer;
 
 use std::io::Write;
 
-use cli::{Command, LogCommand};
+use cli::LogCommand;
 use logcmd::{CmdError, Outcome};
 
 /// Runs `command`, writing its output to `out` and problems to `err`. A closed `out` (the
 /// reader quit, as `head` does) ends the command with [`Outcome::Clean`].
-pub fn run(command: &Command, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
+pub fn run_log_command(command: &LogCommand, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
     let result = match command {
-        Command::Log(LogCommand::Verify(args)) => logcmd::verify(args, out, err),
-        Command::Log(LogCommand::Dump(args)) => logcmd::dump(args, out, err),
-        Command::Run(_) | Command::Validate(_) | Command::Status(_) => {
-            unreachable!("main.rs runs the service commands itself")
-        }
+        LogCommand::Verify(args) => logcmd::verify(args, out, err),
+        LogCommand::Dump(args) => logcmd::dump(args, out, err),
     };
     match result {
         Err(e) if e.is_broken_pipe() => Ok(Outcome::Clean),
@@ -68,10 +65,10 @@ mod tests {
     #[test]
     fn closed_stdout_ends_the_command_cleanly() {
         let data = tempfile::tempdir().unwrap();
-        let verify = Command::Log(LogCommand::Verify(VerifyArgs { data_dir: data.path().into(), stream: None }));
-        assert_eq!(run(&verify, &mut ClosedPipe, &mut io::sink()).unwrap(), Outcome::Clean);
+        let verify = LogCommand::Verify(VerifyArgs { data_dir: data.path().into(), stream: None });
+        assert_eq!(run_log_command(&verify, &mut ClosedPipe, &mut io::sink()).unwrap(), Outcome::Clean);
         let mut out = Vec::new();
-        assert_eq!(run(&verify, &mut out, &mut io::sink()).unwrap(), Outcome::Clean);
+        assert_eq!(run_log_command(&verify, &mut out, &mut io::sink()).unwrap(), Outcome::Clean);
         assert!(String::from_utf8(out).unwrap().starts_with("no streams in "));
     }
 
@@ -79,8 +76,8 @@ mod tests {
     fn missing_data_dir_is_an_error_naming_it() {
         let data = tempfile::tempdir().unwrap();
         let missing = data.path().join("nope");
-        let verify = Command::Log(LogCommand::Verify(VerifyArgs { data_dir: missing.clone(), stream: None }));
-        let e = run(&verify, &mut io::sink(), &mut io::sink()).unwrap_err();
+        let verify = LogCommand::Verify(VerifyArgs { data_dir: missing.clone(), stream: None });
+        let e = run_log_command(&verify, &mut io::sink(), &mut io::sink()).unwrap_err();
         assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
     }
 }

@@ -61,7 +61,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             edge_agent::status::status(config.admin.listen, &mut out)?;
             Ok(Outcome::Clean)
         }
-        Command::Log(_) => Ok(edge_agent::run(&cli.command, &mut out, &mut io::stderr())?),
+        Command::Log(command) => Ok(edge_agent::run_log_command(command, &mut out, &mut io::stderr())?),
     }
 }
 

@@ -71,12 +71,32 @@ impl ForwardMetrics {
     pub fn render(&self) -> String {
         let families = [
             ("backhaul_edge_forward_connected", "gauge", "1 while connected to a core node.", &self.connected),
-            ("backhaul_edge_forward_connects_total", "counter", "Connections established to core nodes.", &self.connects),
+            (
+                "backhaul_edge_forward_connects_total",
+                "counter",
+                "Connections established to core nodes.",
+                &self.connects,
+            ),
             ("backhaul_edge_forward_failovers_total", "counter", "Moves to another core node.", &self.failovers),
-            ("backhaul_edge_forward_batches_sent_total", "counter", "Batches sent (again after a reconnect too).", &self.batches_sent),
+            (
+                "backhaul_edge_forward_batches_sent_total",
+                "counter",
+                "Batches sent (again after a reconnect too).",
+                &self.batches_sent,
+            ),
             ("backhaul_edge_forward_sent_bytes_total", "counter", "Bytes of batches sent.", &self.bytes_sent),
-            ("backhaul_edge_forward_batches_acked_total", "counter", "Batches the core acknowledged as durable.", &self.batches_acked),
-            ("backhaul_edge_forward_gaps_synthesized_total", "counter", "Gap batches made for seqs missing from the log (torn writes).", &self.gaps_synthesized),
+            (
+                "backhaul_edge_forward_batches_acked_total",
+                "counter",
+                "Batches the core acknowledged as durable.",
+                &self.batches_acked,
+            ),
+            (
+                "backhaul_edge_forward_gaps_synthesized_total",
+                "counter",
+                "Gap batches made for seqs missing from the log (torn writes).",
+                &self.gaps_synthesized,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, v) in families {
@@ -172,14 +192,24 @@ pub async fn drive_forwarder(mut p: ForwardParams) -> anyhow::Result<()> {
 
 fn client_endpoint(c: &ForwardConfig) -> anyhow::Result<Endpoint> {
     let read = |p: &std::path::Path| shared::tls::load_pem_file(p).map_err(anyhow::Error::from);
-    let tls = shared::tls::client_config(&read(&c.ca_file)?, &read(&c.cert_file)?, &read(&c.key_file)?, &[shared::tls::ALPN_V1])?;
+    let tls = shared::tls::client_config(
+        &read(&c.ca_file)?,
+        &read(&c.cert_file)?,
+        &read(&c.key_file)?,
+        &[shared::tls::ALPN_V1],
+    )?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     let congestion = match c.congestion {
         CongestionConfig::Cubic => Congestion::Cubic,
         CongestionConfig::Bbr => Congestion::Bbr,
     };
-    client.transport_config(shared::quic::transport(c.keep_alive.duration(), c.idle_timeout.duration(), congestion, STREAMS_MAX));
+    client.transport_config(shared::quic::transport(
+        c.keep_alive.duration(),
+        c.idle_timeout.duration(),
+        congestion,
+        STREAMS_MAX,
+    ));
     let mut endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
@@ -193,7 +223,9 @@ async fn connect(endpoint: &Endpoint, node: &str, c: &ForwardConfig) -> anyhow::
         .ok_or_else(|| anyhow::anyhow!("{node}: no address"))?;
     let name = c.server_name.clone().unwrap_or(host);
     let connecting = endpoint.connect(addr, &name)?;
-    Ok(tokio::time::timeout(Duration::from_secs(10), connecting).await.map_err(|_| anyhow::anyhow!("handshake timed out"))??)
+    Ok(tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| anyhow::anyhow!("handshake timed out"))??)
 }
 
 fn backoff(attempt: u32, c: &ForwardConfig) -> Duration {
@@ -251,7 +283,8 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
         Ok(s) => s,
         Err(e) => return Ended::Lost(e.to_string()),
     };
-    let hello = Frame::Hello { version: VERSION, epoch: p.epoch.0, edge_id: p.edge_id.clone(), streams: session.offers() };
+    let hello =
+        Frame::Hello { version: VERSION, epoch: p.epoch.0, edge_id: p.edge_id.clone(), streams: session.offers() };
     if let Err(r) = write_frame(&mut ctl_send, &hello).await {
         return Ended::Lost(r.message);
     }
@@ -286,7 +319,13 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
             if full {
                 break;
             }
-            let (frame, range) = match next_batch(&p.streams[t.stream], t.seq, &p.edge_id, p.epoch, &p.metrics) {
+            let (frame, range) = match next_batch(
+                &p.streams[t.stream],
+                t.seq..t.missing_end,
+                &p.edge_id,
+                p.epoch,
+                &p.metrics,
+            ) {
                 Ok(Some(fr)) => fr,
                 Ok(None) => break,
                 Err(NextBatch::Released(start)) => {
@@ -300,7 +339,17 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
             };
             let tx = match lanes.get(&(t.stream, t.lane)) {
                 Some(tx) => tx.clone(),
-                None => match open_lane(conn, &p.streams[t.stream], t.stream, t.lane, event_tx.clone(), bucket.clone(), clock).await {
+                None => match open_lane(
+                    conn,
+                    &p.streams[t.stream],
+                    t.stream,
+                    t.lane,
+                    event_tx.clone(),
+                    bucket.clone(),
+                    clock,
+                )
+                .await
+                {
                     Ok(tx) => {
                         lanes.insert((t.stream, t.lane), tx.clone());
                         tx
@@ -369,37 +418,60 @@ enum NextBatch {
     Failed(String),
 }
 
-/// The frame of the batch starting at `seq` and the seqs it covers. A hole in the log (a torn
-/// write) becomes a gap batch, so the core learns of it instead of waiting for it.
-fn next_batch(s: &ForwardStream, seq: u64, edge_id: &str, epoch: Epoch, metrics: &ForwardMetrics) -> Result<Option<(Bytes, Range<u64>)>, NextBatch> {
+/// The frame to send for the missing range `want` and the seqs it covers: the log's batch at
+/// `want.start`, or a gap batch where the log has none there — a hole left by a torn write, or
+/// the part of a gap batch (from `drop_oldest`) the core does not hold yet. A gap never covers
+/// more than `want`, so it never overlaps what the core holds.
+fn next_batch(
+    s: &ForwardStream,
+    want: Range<u64>,
+    edge_id: &str,
+    epoch: Epoch,
+    metrics: &ForwardMetrics,
+) -> Result<Option<(Bytes, Range<u64>)>, NextBatch> {
+    let seq = want.start;
     let read = {
         let mut log = lock(&s.log);
         match log.read(Offset(seq), 1) {
             Ok(r) => r,
-            Err(LogError::OffsetOutOfRange { start, .. }) if Offset(seq) < start => return Err(NextBatch::Released(start.0)),
+            Err(LogError::OffsetOutOfRange { start, .. }) if Offset(seq) < start => {
+                return Err(NextBatch::Released(start.0));
+            }
             Err(e) => return Err(NextBatch::Failed(e.to_string())),
         }
     };
     let Some(b) = read.batches.into_iter().next() else { return Ok(None) };
-    let (batch, range) = if b.offset.0 > seq {
+    let h = b.batch.header();
+    let gap_end = if b.offset.0 > seq {
         metrics.gaps_synthesized.fetch_add(1, Relaxed);
         tracing::warn!(stream = %s.name, from_seq = seq, to_seq = b.offset.0, "seqs missing from the log: sending a gap");
-        let meta = BatchMeta {
-            producer: edge_id.into(),
-            epoch,
-            stream: s.name.clone(),
-            base_seq: Seq(seq),
-            payload_format: b.batch.header().payload_format,
-        };
-        let mut out = BytesMut::new();
-        let count = u32::try_from(b.offset.0 - seq).map_err(|_| NextBatch::Failed("hole too large".into()))?;
-        let ts = (b.batch.header().min_ts_ms, b.batch.header().min_ts_ms);
-        encode_gap(&meta, count, GapReason::Corruption, ts, &mut out).map_err(|e| NextBatch::Failed(e.to_string()))?;
-        let gap = Batch::from_bytes(out.freeze(), &BatchLimits::default()).map_err(|e| NextBatch::Failed(e.to_string()))?;
-        (gap, seq..b.offset.0)
+        Some((b.offset.0.min(want.end), GapReason::Corruption))
+    } else if h.is_gap() && (b.offset.0 < seq || b.end().0 > want.end) {
+        Some((b.end().0.min(want.end), h.gap_reason().unwrap_or(GapReason::Other(0))))
     } else {
-        let range = b.offset.0..b.end().0;
-        (b.batch, range)
+        None
+    };
+    let (batch, range) = match gap_end {
+        Some((end, reason)) => {
+            let meta = BatchMeta {
+                producer: edge_id.into(),
+                epoch,
+                stream: s.name.clone(),
+                base_seq: Seq(seq),
+                payload_format: h.payload_format,
+            };
+            let mut out = BytesMut::new();
+            let count = u32::try_from(end - seq).map_err(|_| NextBatch::Failed("gap too large".into()))?;
+            encode_gap(&meta, count, reason, (h.min_ts_ms, h.max_ts_ms), &mut out)
+                .map_err(|e| NextBatch::Failed(e.to_string()))?;
+            let gap = Batch::from_bytes(out.freeze(), &BatchLimits::default())
+                .map_err(|e| NextBatch::Failed(e.to_string()))?;
+            (gap, seq..end)
+        }
+        None => {
+            let range = b.offset.0..b.end().0;
+            (b.batch, range)
+        }
     };
     let mut out = BytesMut::new();
     Frame::Batch(batch.bytes().clone()).encode(&mut out);
@@ -472,4 +544,81 @@ async fn open_lane(
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::batch::{BatchEncoder, Compression, PayloadFormat, Record};
+    use shared::log::sim::SimStorage;
+    use shared::log::{Log, LogConfig};
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    fn meta(seq: u64) -> BatchMeta {
+        BatchMeta {
+            producer: "e".into(),
+            epoch: Epoch(1),
+            stream: "s".into(),
+            base_seq: Seq(seq),
+            payload_format: PayloadFormat::Raw,
+        }
+    }
+
+    fn data(seq: u64, n: u32) -> Batch {
+        let recs: Vec<Record> = (0..n)
+            .map(|i| Record { ts_ms: i64::from(i), topic: "t".into(), payload: vec![7; 3000].into(), attrs: vec![] })
+            .collect();
+        let mut out = BytesMut::new();
+        BatchEncoder::new(Compression::None).unwrap().encode(&meta(seq), &recs, &mut out).unwrap();
+        Batch::from_bytes(out.freeze(), &BatchLimits::default()).unwrap()
+    }
+
+    fn stream(log: Log) -> ForwardStream {
+        ForwardStream {
+            name: "s".into(),
+            log: Arc::new(Mutex::new(log)),
+            delivery: DeliveryConfig::LiveFirst,
+            priority: 0,
+            release_on: ReleaseOn::Durable,
+        }
+    }
+
+    fn decode(frame: &Bytes) -> Batch {
+        match Frame::decode(frame).unwrap().unwrap().0 {
+            Frame::Batch(b) => Batch::from_bytes(b, &BatchLimits::default()).unwrap(),
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn a_gap_is_cut_to_what_the_core_lacks() {
+        let cfg = LogConfig { segment_bytes_max: 16 << 10, ..LogConfig::default() };
+        let mut log = Log::open(Arc::new(SimStorage::new()), Path::new("/d/s"), cfg, 0).unwrap();
+        for seq in [0, 2, 4, 6] {
+            log.append(&data(seq, 2), 0).unwrap();
+        }
+        log.sync().unwrap();
+        let first = log.segments()[0].clone();
+        assert_eq!((first.base.0, first.end.0), (0, 4));
+        let mut out = BytesMut::new();
+        encode_gap(&meta(0), 4, GapReason::DiskFullDropOldest, (0, 1), &mut out).unwrap();
+        log.replace_segment_with_gap(first.base, &Batch::from_bytes(out.freeze(), &BatchLimits::default()).unwrap())
+            .unwrap();
+        let s = stream(log);
+        let m = ForwardMetrics::default();
+        // The core holds 0..2 (sent before the drop): only 2..4 of the gap may go.
+        let (frame, range) = next_batch(&s, 2..8, "e", Epoch(1), &m).ok().unwrap().unwrap();
+        assert_eq!(range, 2..4);
+        let gap = decode(&frame);
+        assert!(gap.header().is_gap());
+        assert_eq!((gap.header().base_seq.0, gap.header().end_seq().0), (2, 4));
+        assert_eq!(gap.header().gap_reason(), Some(GapReason::DiskFullDropOldest));
+        // The whole gap when the core lacks all of it; data batches as they are.
+        assert_eq!(next_batch(&s, 0..8, "e", Epoch(1), &m).ok().unwrap().unwrap().1, 0..4);
+        let (frame, range) = next_batch(&s, 4..8, "e", Epoch(1), &m).ok().unwrap().unwrap();
+        assert_eq!(range, 4..6);
+        assert!(!decode(&frame).header().is_gap());
+        assert!(next_batch(&s, 8..9, "e", Epoch(1), &m).ok().unwrap().is_none(), "nothing past the end");
+    }
 }

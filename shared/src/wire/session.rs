@@ -88,9 +88,10 @@ impl StreamSend {
         self.first_retained = self.first_retained.max(first_retained);
     }
 
-    /// The next seq to send on `lane`, if any: the start of the first range the core lacks
-    /// and that is not in flight.
-    pub fn poll_send(&self, lane: Lane) -> Option<u64> {
+    /// The next range to send on `lane`, if any: the first range the core lacks and that is
+    /// not in flight. The batch at its start may cover less (batches are what they are); a gap
+    /// sent for it must cover no more (the core refuses a batch that overlaps what it holds).
+    pub fn poll_send(&self, lane: Lane) -> Option<Range<u64>> {
         if !self.welcomed {
             return None;
         }
@@ -107,7 +108,7 @@ impl StreamSend {
         for r in self.inflight.ranges() {
             taken.insert(r.clone());
         }
-        taken.missing(span).first().map(|r| r.start)
+        taken.missing(span).into_iter().next()
     }
 
     /// The shell sent the batch covering `range`.
@@ -144,8 +145,8 @@ impl StreamSend {
     }
 }
 
-/// What to send next: stream index, lane, first seq.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What to send next: stream index, lane, and the range the core lacks from the first seq on.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
     /// Index into the session's streams.
     pub stream: usize,
@@ -153,6 +154,8 @@ pub struct Transmit {
     pub lane: Lane,
     /// First seq of the batch to send.
     pub seq: u64,
+    /// End of the missing range that starts at `seq`.
+    pub missing_end: u64,
 }
 
 /// The edge's side of a connection: its streams in priority order and a window of bytes.
@@ -193,8 +196,8 @@ impl ForwardSession {
         }
         for lane in [Lane::Live, Lane::Backlog] {
             for (i, s) in self.streams.iter().enumerate() {
-                if let Some(seq) = s.poll_send(lane) {
-                    return Some(Transmit { stream: i, lane, seq });
+                if let Some(r) = s.poll_send(lane) {
+                    return Some(Transmit { stream: i, lane, seq: r.start, missing_end: r.end });
                 }
             }
         }
@@ -406,13 +409,13 @@ mod tests {
     fn live_first_sends_new_data_on_live_and_the_rest_on_backlog() {
         let mut s = welcomed(Delivery::LiveFirst, 0, 100, &[0..40]);
         assert_eq!(s.poll_send(Lane::Live), None, "nothing new yet");
-        assert_eq!(s.poll_send(Lane::Backlog), Some(40));
+        assert_eq!(s.poll_send(Lane::Backlog), Some(40..100));
         s.handle_log_end(110);
-        assert_eq!(s.poll_send(Lane::Live), Some(100));
+        assert_eq!(s.poll_send(Lane::Live), Some(100..110));
         s.handle_sent(100..105);
-        assert_eq!(s.poll_send(Lane::Live), Some(105));
+        assert_eq!(s.poll_send(Lane::Live), Some(105..110));
         s.handle_sent(40..50);
-        assert_eq!(s.poll_send(Lane::Backlog), Some(50));
+        assert_eq!(s.poll_send(Lane::Backlog), Some(50..100));
         s.handle_ack(100..105);
         assert_eq!(s.acked_through(), 40, "the hole 40..100 holds the release point");
         s.handle_ack(40..50);
@@ -422,7 +425,7 @@ mod tests {
     #[test]
     fn oldest_first_uses_one_lane() {
         let s = welcomed(Delivery::OldestFirst, 10, 100, &[20..30]);
-        assert_eq!(s.poll_send(Lane::Live), Some(10));
+        assert_eq!(s.poll_send(Lane::Live), Some(10..20));
         assert_eq!(s.poll_send(Lane::Backlog), None);
     }
 
@@ -446,7 +449,7 @@ mod tests {
         f.handle_welcome(&[StreamHeld { name: "cdr".into(), held: RangeSet::from_ranges([0..10]) }]);
         assert_eq!(
             f.poll_transmit(),
-            Some(Transmit { stream: 1, lane: Lane::Live, seq: 0 }),
+            Some(Transmit { stream: 1, lane: Lane::Live, seq: 0, missing_end: 10 }),
             "unacked data is sent again"
         );
     }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Quickstart: build the edge agent, start a local Mosquitto (Debian package, installed if
-# missing) with deploy/mosquitto/backhaul.conf on 127.0.0.1:18830, run the agent, publish sample
-# CDRs and sensor readings, show what the agent logged. Ctrl-C (or the end) stops everything.
+# Quickstart: build edge-agent and core-ingest, make a private CA and certificates, start a
+# core node, a local Mosquitto (Debian package, installed if missing) with
+# deploy/mosquitto/backhaul.conf on 127.0.0.1:18830 and the agent; publish sample CDRs and
+# sensor readings; show what the agent logged and forwarded and what the core stored.
+# Ctrl-C (or the end) stops everything. Everything lives in target/quickstart/ (wiped first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PATH="$PATH:/usr/sbin"
@@ -12,9 +14,13 @@ if ! command -v mosquitto >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
-cargo build --release --locked -p edge-agent
+cargo build --release --locked -p edge-agent -p core-ingest
 work=target/quickstart
+rm -rf "$work"
 mkdir -p "$work/mosquitto"
+core=target/release/core-ingest
+"$core" certs init --dir "$work/certs" --name localhost --name 127.0.0.1 >/dev/null
+"$core" certs issue --dir "$work/certs" --edge-id edge-quickstart >/dev/null
 sed -e 's|^listener 1883 127.0.0.1|listener 18830 127.0.0.1|' \
     -e "s|^persistence_location .*|persistence_location $PWD/$work/mosquitto/|" \
     deploy/mosquitto/backhaul.conf > "$work/mosquitto.conf"
@@ -24,6 +30,9 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT INT TERM
 
 mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
+pids+=($!)
+"$core" validate --config deploy/quickstart/core-ingest.toml
+RUST_LOG=info "$core" run --config deploy/quickstart/core-ingest.toml 2>"$work/core.log" &
 pids+=($!)
 agent=target/release/edge-agent
 "$agent" validate --config deploy/quickstart/edge-agent.toml
@@ -46,10 +55,15 @@ sleep 0.5
 
 "$agent" status --config deploy/quickstart/edge-agent.toml
 echo
+echo "forwarded to the core:"
+curl -s http://127.0.0.1:19464/metrics | grep -E '^backhaul_edge_forward_(connected|batches_sent_total|batches_acked_total)' || true
+echo "stored at the core:"
+curl -s http://127.0.0.1:19465/metrics | grep -E '^backhaul_core_(batches_stored_total|duplicate_batches_total|connections) '
+echo
 echo "first records of stream cdr:"
 "$agent" log dump --data-dir "$work/data" --stream cdr --limit 3
 echo
 if [ -t 0 ] && [ -z "${CI:-}" ]; then
-  echo "The agent is running (admin: http://127.0.0.1:19464/metrics). Ctrl-C stops it."
-  wait "${pids[1]}"
+  echo "Running (agent: http://127.0.0.1:19464/metrics, core: http://127.0.0.1:19465/metrics). Ctrl-C stops it."
+  wait "${pids[2]}"
 fi

@@ -20,7 +20,8 @@ pub struct Config {
     /// This edge's id: the producer of every batch. At the core it must equal the id in the
     /// edge's client certificate.
     pub edge_id: String,
-    /// Where the logs and the identity live. Created on first start.
+    /// Where the logs and the identity live. Created on first start. Relative file names in
+    /// this file are relative to the file's directory.
     pub data_dir: PathBuf,
     /// The admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
     #[serde(default)]
@@ -437,6 +438,18 @@ impl Config {
     /// Parses and validates `text` (as if read from `path`).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = shared::config::parse_toml(text, path)?;
+        // Relative file names are relative to the config file, as for core-ingest.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<&mut PathBuf> = vec![&mut config.data_dir];
+        files.extend(config.brokers.iter_mut().filter_map(|b| b.ca_file.as_mut()));
+        if let Some(f) = config.forward.as_mut() {
+            files.extend([&mut f.ca_file, &mut f.cert_file, &mut f.key_file]);
+        }
+        for f in files {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
         config.streams.entry(DEADLETTER_STREAM.into()).or_insert_with(StreamConfig::deadletter_default);
         let problems = config.problems();
         if problems.is_empty() { Ok(config) } else { Err(ConfigError { file: path.into(), problems }) }
@@ -520,7 +533,11 @@ impl Config {
                     p.push((format!("forward.cores[{i}]"), e));
                 }
             }
-            for (key, file) in [("forward.ca_file", &f.ca_file), ("forward.cert_file", &f.cert_file), ("forward.key_file", &f.key_file)] {
+            for (key, file) in [
+                ("forward.ca_file", &f.ca_file),
+                ("forward.cert_file", &f.cert_file),
+                ("forward.key_file", &f.key_file),
+            ] {
                 if !file.is_file() {
                     p.push((key.into(), format!("{} is not a readable file", file.display())));
                 }
@@ -528,12 +545,18 @@ impl Config {
             if f.cert_file.is_file() {
                 match cert_file_edge_id(&f.cert_file) {
                     Ok(id) if id == self.edge_id => {}
-                    Ok(id) => p.push(("forward.cert_file".into(), format!("the certificate names edge {id:?}, edge_id is {:?}", self.edge_id))),
+                    Ok(id) => p.push((
+                        "forward.cert_file".into(),
+                        format!("the certificate names edge {id:?}, edge_id is {:?}", self.edge_id),
+                    )),
                     Err(e) => p.push(("forward.cert_file".into(), e.to_string())),
                 }
             }
             if f.keep_alive.0 == 0 || f.keep_alive.0 > 15_000 {
-                p.push(("forward.keep_alive".into(), "between 1ms and 15s (NAT bindings on mobile backhaul expire)".into()));
+                p.push((
+                    "forward.keep_alive".into(),
+                    "between 1ms and 15s (NAT bindings on mobile backhaul expire)".into(),
+                ));
             }
             if f.idle_timeout <= f.keep_alive {
                 p.push(("forward.idle_timeout".into(), "above keep_alive".into()));

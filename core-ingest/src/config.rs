@@ -30,9 +30,6 @@ pub struct Config {
     /// Partitions of a stream created on this node (fixed once the stream exists).
     #[serde(default = "Config::default_partitions")]
     pub partitions: u32,
-    /// Longest a batch waits for the group commit that makes it durable.
-    #[serde(default = "Config::default_group_commit")]
-    pub group_commit_max: Millis,
     /// Segment files roll at this size.
     #[serde(default = "Config::default_segment_bytes_max")]
     pub segment_bytes_max: ByteSize,
@@ -65,9 +62,6 @@ impl Config {
     }
     fn default_partitions() -> u32 {
         4
-    }
-    fn default_group_commit() -> Millis {
-        Millis(2)
     }
     fn default_segment_bytes_max() -> ByteSize {
         ByteSize(128 << 20)

@@ -9,24 +9,43 @@
 //! - [`run`]: wires the above into the running node.
 //! - [`certs`]: `certs init` and `certs issue`: the deployment's private CA, the core's server
 //!   certificate and the edges' client certificates, written as PEM files.
+//! - [`logcmd`]: `log verify` and `log dump`, read-only views of a data directory's partition
+//!   logs.
 
 use std::io::Write;
 
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod logcmd;
 pub mod metrics;
 pub mod run;
 pub mod server;
 pub mod store;
 
-use cli::{CertsCommand, Command};
+use cli::{CertsCommand, Command, LogCommand};
+use logcmd::{CmdError, Outcome};
 
 /// Runs `command`, printing what it did to `out`.
 pub fn run_command(command: &Command, out: &mut dyn Write) -> Result<(), certs::CertsError> {
     match command {
         Command::Certs(CertsCommand::Init(args)) => certs::init(args, out),
         Command::Certs(CertsCommand::Issue(args)) => certs::issue(args, out),
-        Command::Run(_) | Command::Validate(_) => unreachable!("main.rs runs the service commands itself"),
+        Command::Run(_) | Command::Validate(_) | Command::Log(_) => {
+            unreachable!("main.rs runs the service and log commands itself")
+        }
+    }
+}
+
+/// Runs a `log` command, writing its output to `out` and problems to `err`. A closed `out`
+/// (the reader quit, as `head` does) ends the command with [`Outcome::Clean`].
+pub fn run_log(command: &LogCommand, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
+    let result = match command {
+        LogCommand::Verify(args) => logcmd::verify(args, out, err),
+        LogCommand::Dump(args) => logcmd::dump(args, out, err),
+    };
+    match result {
+        Err(e) if e.is_broken_pipe() => Ok(Outcome::Clean),
+        r => r,
     }
 }

@@ -1,19 +1,23 @@
 //! `core-ingest`: parse the command line, start tracing, run the command.
 //! Exit status: 0 done, 1 refused or failed (or an invalid config for `validate`), 2 usage error.
+//! `log verify` / `log dump` as the edge's: 0 clean, 1 corruption, 2 usage or I/O error.
 
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use core_ingest::cli::{Cli, Command};
+use core_ingest::cli::{Cli, Command, LogCommand};
 use core_ingest::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(&cli.command)));
     let _ = tracing_subscriber::fmt().with_writer(io::stderr).with_env_filter(filter).try_init();
+    if let Command::Log(command) = &cli.command {
+        return run_log_command(command);
+    }
     let result = match &cli.command {
         Command::Run(args) => run(&args.config),
         Command::Validate(args) => match Config::load(&args.config) {
@@ -34,6 +38,27 @@ fn main() -> ExitCode {
             // Best effort: if stderr is gone too there is no one left to tell.
             let _ = writeln!(io::stderr(), "core-ingest: {error:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Tracing directives when `RUST_LOG` is not set.
+fn default_filter(command: &Command) -> &'static str {
+    match command {
+        // The log tools print every problem themselves, in their own format; the log's own
+        // recovery messages would say each one twice.
+        Command::Log(_) => "warn,shared::log=off",
+        _ => "info",
+    }
+}
+
+fn run_log_command(command: &LogCommand) -> ExitCode {
+    let mut out = BufWriter::new(io::stdout().lock());
+    match core_ingest::run_log(command, &mut out, &mut io::stderr()) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(error) => {
+            let _ = writeln!(io::stderr(), "core-ingest: {error}");
+            ExitCode::from(2)
         }
     }
 }

@@ -14,8 +14,9 @@ use crate::metrics::Metrics;
 use crate::server::{self, ServerContext};
 use crate::store::{Store, StoreConfig};
 
-/// Batches waiting for the store: bounds memory when the disk is slower than the edges.
-const STORE_QUEUE_LEN: usize = 8192;
+/// Batches waiting for the store: bounds memory when the disk is slower than the edges (at
+/// the default 256 KiB edge batches, 256 MiB; each edge's window bounds its own share too).
+const STORE_QUEUE_LEN: usize = 1024;
 /// Most QUIC streams an edge may open: a control stream and two lanes per log stream.
 const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 
@@ -51,7 +52,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         shared::quic::Congestion::Cubic,
         STREAMS_PER_CONNECTION_MAX,
     ));
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).with_context(|| format!("listen {}", config.listen))?;
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.listen).with_context(|| format!("listen {}", config.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)

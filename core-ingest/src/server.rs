@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use shared::batch::{Batch, BatchLimits};
-use shared::wire::frame::{StreamHeld, marks};
 use shared::quic::{read_frame, write_frame};
+use shared::wire::frame::{StreamHeld, marks};
 use shared::wire::session::{IngestSession, Refusal};
 use shared::wire::{ErrorCode, Frame};
 use tokio::sync::{mpsc, oneshot};
@@ -46,7 +46,14 @@ pub struct ServerContext {
 
 impl ServerContext {
     /// The context.
-    pub fn new(store: StoreHandle, metrics: Arc<Metrics>, allow: Option<HashSet<String>>, connections_max: u64, node: String, incarnation: u64) -> Self {
+    pub fn new(
+        store: StoreHandle,
+        metrics: Arc<Metrics>,
+        allow: Option<HashSet<String>>,
+        connections_max: u64,
+        node: String,
+        incarnation: u64,
+    ) -> Self {
         ServerContext {
             store,
             metrics,
@@ -232,7 +239,13 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
         None
     });
     loop {
-        let frame = match read_frame(&mut recv, &mut buf).await {
+        // A refusal from the store ends the ack task (it closes `rx`): stop reading at once,
+        // so the edge hears of it without having to send another frame first.
+        let read = tokio::select! {
+            r = read_frame(&mut recv, &mut buf) => r,
+            _ = tx.closed() => break,
+        };
+        let frame = match read {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(r) => {
@@ -278,7 +291,14 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
 }
 
 async fn fail_stream(send: &mut SendStream, recv: &mut RecvStream, r: &Refusal, ctx: &ServerContext) {
-    if matches!(r.code, ErrorCode::BadBatch | ErrorCode::Protocol | ErrorCode::FrameTooLarge | ErrorCode::WrongProducer | ErrorCode::SeqConflict) {
+    if matches!(
+        r.code,
+        ErrorCode::BadBatch
+            | ErrorCode::Protocol
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::WrongProducer
+            | ErrorCode::SeqConflict
+    ) {
         ctx.metrics.refused(Refused::BadInput);
     }
     tracing::warn!(code = ?r.code, message = %r.message, "data stream closed");

@@ -11,7 +11,6 @@
 //! created) and `<data_dir>/streams/<stream>/<partition>/` (a log).
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -285,6 +284,7 @@ impl Store {
         }
         for (name, p) in failed {
             self.reopen(&name, p);
+            self.rebuild_dedup(&name, p);
         }
         if ok {
             self.metrics.group_commits.inc();
@@ -304,11 +304,26 @@ impl Store {
         }
     }
 
+    /// After a failed fsync the log was reopened through recovery: what it holds now is the
+    /// truth (an fsync that failed may have lost writes for good). Rebuilds the dedup state
+    /// of the producers of that partition from it, so what was lost is taken again when sent.
+    fn rebuild_dedup(&mut self, stream: &str, p: usize) {
+        let n = self.streams.get(stream).map_or(0, |s| s.logs.len());
+        let mine = |k: &ProducerKey| k.stream == stream && partition_of(&k.edge, n) == p;
+        self.appended.retain(|k| !mine(k));
+        self.durable.retain(|k| !mine(k));
+        let Some(log) = self.streams.get_mut(stream).map(|s| &mut s.logs[p]) else { return };
+        if let Err(e) = read_headers(log, |key, range| {
+            self.appended.insert(key.clone(), range.clone());
+            self.durable.insert(key, range);
+        }) {
+            tracing::error!(stream, partition = p, error = %e, "rebuilding dedup failed");
+        }
+    }
+
     fn partition_of(&self, key: &ProducerKey) -> usize {
         let n = self.streams.get(&key.stream).map_or(self.config.partitions as usize, |s| s.logs.len());
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.edge.hash(&mut h);
-        (h.finish() % n as u64) as usize
+        partition_of(&key.edge, n)
     }
 
     fn stream_logs(&mut self, stream: &str) -> Result<&mut StreamLogs, String> {
@@ -352,20 +367,12 @@ impl Store {
             for problem in log.problems() {
                 tracing::warn!(stream, partition = p, %problem, "log recovery");
             }
-            let mut from = log.start_offset();
-            while from < log.committed_offset() {
-                let read = log.read(from, 8 << 20).map_err(|e| e.to_string())?;
-                for b in &read.batches {
-                    let h = b.batch.header();
-                    let key = ProducerKey { edge: h.producer.clone(), epoch: h.epoch.0, stream: h.stream.clone() };
-                    self.appended.insert(key.clone(), h.base_seq.0..h.end_seq().0);
-                    self.durable.insert(key, h.base_seq.0..h.end_seq().0);
-                }
-                if read.next <= from {
-                    break;
-                }
-                from = read.next;
-            }
+            let (appended, durable) = (&mut self.appended, &mut self.durable);
+            read_headers(&mut log, |key, range| {
+                appended.insert(key.clone(), range.clone());
+                durable.insert(key, range);
+            })
+            .map_err(|e| e.to_string())?;
             logs.push(log);
         }
         self.streams.insert(stream.into(), StreamLogs { logs });
@@ -373,15 +380,50 @@ impl Store {
     }
 }
 
+/// The partition of `edge` among `n`: FNV-1a of the edge id, stable across builds and
+/// toolchains (std's hasher is not), so an edge's batches stay in one partition.
+pub fn partition_of(edge: &str, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in edge.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % n.max(1) as u64) as usize
+}
+
+/// Calls `f` with the producer key and seq range of every batch `log` holds.
+fn read_headers(log: &mut Log, mut f: impl FnMut(ProducerKey, Range<u64>)) -> Result<(), shared::log::LogError> {
+    let mut from = log.start_offset();
+    while from < log.committed_offset() {
+        let read = log.read(from, 8 << 20)?;
+        for b in &read.batches {
+            let h = b.batch.header();
+            f(
+                ProducerKey { edge: h.producer.clone(), epoch: h.epoch.0, stream: h.stream.clone() },
+                h.base_seq.0..h.end_seq().0,
+            );
+        }
+        if read.next <= from {
+            break;
+        }
+        from = read.next;
+    }
+    Ok(())
+}
+
 /// Directory of partition `p` of `stream`.
 pub fn partition_dir(data_dir: &Path, stream: &str, p: usize) -> PathBuf {
     stream_dir(data_dir, stream).join(p.to_string())
 }
 
+/// Writes `path` whole or not at all: a temp file, fsynced, renamed over it (the caller
+/// fsyncs the directory).
 fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
-    let mut f = std::fs::File::create(path)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
     f.write_all(text.as_bytes())?;
-    f.sync_all()
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn now_ms() -> i64 {

@@ -306,6 +306,11 @@ impl DedupIndex {
     pub fn keys(&self) -> impl Iterator<Item = &ProducerKey> {
         self.held.keys()
     }
+
+    /// Keeps only the producer streams for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&ProducerKey) -> bool) {
+        self.held.retain(|k, _| keep(k));
+    }
 }
 
 /// A refusal: the code to close with and why.

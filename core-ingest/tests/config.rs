@@ -1,0 +1,95 @@
+//! `deploy/core-ingest.example.toml` loads, documents every field, and shows the defaults.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use core_ingest::config::Config;
+use shared::tls;
+
+const BIN: &str = env!("CARGO_BIN_EXE_core-ingest");
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/core-ingest.example.toml");
+
+/// Every key of [`Config`] and its `[tls]` table. `deny_unknown_fields` catches keys the
+/// example has and the config does not; this list catches the other way round.
+const KEYS: [&str; 13] = [
+    "node",
+    "data_dir",
+    "listen",
+    "admin_listen",
+    "allow_edges",
+    "connections_max",
+    "partitions",
+    "segment_bytes_max",
+    "keep_alive",
+    "idle_timeout",
+    "ca_file",
+    "cert_file",
+    "key_file",
+];
+
+/// The example next to a `pki/` directory holding the certificates it names.
+fn example_beside_certs(dir: &Path) -> std::path::PathBuf {
+    let pki = dir.join("pki");
+    fs::create_dir(&pki).unwrap();
+    let (ca, ca_key) = tls::generate_ca("Example CA", 60).unwrap();
+    let (cert, key) = tls::issue_server_cert(&ca, &ca_key, &["localhost".into()], 30).unwrap();
+    for (name, text) in [("ca.pem", &ca), ("server.pem", &cert), ("server.key", &key)] {
+        fs::write(pki.join(name), text).unwrap();
+    }
+    let path = dir.join("core-ingest.toml");
+    fs::copy(EXAMPLE, &path).unwrap();
+    path
+}
+
+#[test]
+fn example_config_loads_with_every_field_at_its_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = example_beside_certs(tmp.path());
+    let text = fs::read_to_string(&path).unwrap();
+    let config = Config::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.tls.ca_file, tmp.path().join("pki/ca.pem"), "relative to the file's directory");
+    assert_eq!(config.allow_edges, None, "allow_edges is shown commented out");
+
+    for key in KEYS {
+        let documented = text.lines().any(|l| {
+            let l = l.trim_start_matches(['#', ' ']);
+            l.starts_with(&format!("{key} = "))
+        });
+        assert!(documented, "{key} is not in the example");
+    }
+
+    // Only the required fields: everything else takes its default, which the example shows.
+    let minimal = format!(
+        "node = {:?}\ndata_dir = {:?}\nlisten = \"{}\"\n[tls]\nca_file = \"pki/ca.pem\"\ncert_file = \
+         \"pki/server.pem\"\nkey_file = \"pki/server.key\"\n",
+        config.node, config.data_dir, config.listen,
+    );
+    let defaults = Config::parse(&minimal, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(format!("{config:?}"), format!("{defaults:?}"), "the example's values are the defaults");
+
+    let uncommented = text.replacen("# allow_edges = ", "allow_edges = ", 1);
+    let allowing = Config::parse(&uncommented, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(allowing.allow_edges, Some(vec!["edge-lyon-01".into(), "edge-lyon-02".into()]));
+}
+
+#[test]
+fn validate_accepts_the_example_and_names_a_typo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = example_beside_certs(tmp.path());
+    let validate = |p: &Path| Command::new(BIN).arg("validate").arg("--config").arg(p).env_remove("RUST_LOG").output();
+    let out = validate(&path).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let text = fs::read_to_string(&path).unwrap();
+    let typo = tmp.path().join("typo.toml");
+    assert!(text.contains("\nkeep_alive = \"10s\""));
+    fs::write(&typo, text.replacen("\nkeep_alive = \"10s\"", "\nkeepalive = \"10s\"", 1)).unwrap();
+    let out = validate(&typo).unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("keepalive"), "the unknown key is named: {said}");
+
+    let out = validate(&tmp.path().join("pki/missing.toml")).unwrap();
+    assert_ne!(out.status.code(), Some(0));
+}

@@ -577,8 +577,10 @@ impl Config {
             if s.batch_bytes_max.0 == 0 || s.batch_bytes_max.0 > body_max {
                 p.push((k("batch_bytes_max"), format!("between 1 and {}", ByteSize(body_max))));
             }
-            if s.record_bytes_max.0 == 0 || s.record_bytes_max.0 > body_max {
-                p.push((k("record_bytes_max"), format!("between 1 and {}", ByteSize(body_max))));
+            // A record must fit a batch with its topic and attributes beside it.
+            let record_max = body_max - (64 << 10);
+            if s.record_bytes_max.0 == 0 || s.record_bytes_max.0 > record_max {
+                p.push((k("record_bytes_max"), format!("between 1 and {}", ByteSize(record_max))));
             }
             if !(0..=19).contains(&s.zstd_level) {
                 p.push((k("zstd_level"), "0 (off) to 19".into()));

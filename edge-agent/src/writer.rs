@@ -302,6 +302,11 @@ impl Writer {
             }
         };
         let t = &mut self.streams[target];
+        // A batch stays within batch_bytes_max however many messages one burst brings: close
+        // the open batch before a record that would take it past, and once it reaches it.
+        if !t.builder.is_empty() && (t.builder.raw_len() + payload.len()) as u64 > t.cfg.batch_bytes_max.0 {
+            t.close_builder();
+        }
         if let Err(e) = t.builder.push(m.ts_ms, &m.topic, payload, &attrs) {
             // Only a bound of the codec (topic or attribute size) can refuse it.
             tracing::warn!(error = %e, topic = %m.topic, "record refused by the batch codec");
@@ -313,6 +318,9 @@ impl Writer {
         }
         t.builder_since_us.get_or_insert(m.received_us);
         let at = BatchRef { stream: target, batch_no: t.builder_no };
+        if t.builder.raw_len() as u64 >= t.cfg.batch_bytes_max.0 {
+            t.close_builder();
+        }
         if m.qos > 0 {
             self.sessions[m.conn].handle_taken(m.pkid, Some(hash), Some(at), m.received_us);
         }
@@ -325,12 +333,8 @@ impl Writer {
         for si in 0..self.streams.len() {
             let s = &mut self.streams[si];
             let linger_due = s.builder_since_us.is_some_and(|t| now_us.saturating_sub(t) >= s.cfg.linger.0 * 1000);
-            if !s.builder.is_empty() && (urgent || linger_due || s.builder.raw_len() as u64 >= s.cfg.batch_bytes_max.0)
-            {
-                let b = std::mem::take(&mut s.builder);
-                s.closed.push_back((s.builder_no, b));
-                s.builder_no += 1;
-                s.builder_since_us = None;
+            if !s.builder.is_empty() && (urgent || linger_due) {
+                s.close_builder();
             }
             self.append_closed(si, now_ms);
             self.sync_if_due(si, now_us, now_ms, urgent);
@@ -373,16 +377,23 @@ impl Writer {
             s.meta.base_seq = Seq(lock(&s.log).next_offset().0);
             self.out.clear();
             let raw_len = builder.raw_len() as u64;
-            let header = match s.encoder.finish(&mut builder, &s.meta, &mut self.out) {
-                Ok(h) => h,
+            // Encoding cannot fail for records the builder took and batches within the limits
+            // the config enforces; if it does, keep the records and stop acking this stream
+            // (an error, for an operator) rather than ack what was not stored.
+            let encoded = s
+                .encoder
+                .finish(&mut builder, &s.meta, &mut self.out)
+                .and_then(|_| Batch::from_bytes(self.out.split().freeze(), &s.log_config.batch_limits));
+            let (header, batch) = match encoded {
+                Ok(b) => (b.header().clone(), b),
                 Err(e) => {
-                    // Cannot happen for records the builder took; losing them silently would
-                    // be worse than stopping, so say it loudly and keep nothing half-done.
-                    tracing::error!(stream = %s.name, error = %e, "batch encoding failed; records dropped");
-                    continue;
+                    tracing::error!(stream = %s.name, error = %e, "batch encoding failed; acks stop");
+                    self.out.clear();
+                    s.closed.push_front((no, builder));
+                    self.set_full(si, true, "batch encoding failed");
+                    return;
                 }
             };
-            let batch = Batch::from_bytes(self.out.split().freeze(), &BatchLimits::default()).expect("just encoded");
             let appended = lock(&s.log).append(&batch, now_ms);
             match appended {
                 Ok(a) => {
@@ -511,7 +522,8 @@ impl Writer {
         let gap = encode_gap(&meta, count, reason, ts, &mut out)
             .map_err(|e| e.to_string())
             .and_then(|_| Batch::from_bytes(out.freeze(), &BatchLimits::default()).map_err(|e| e.to_string()));
-        let result = gap.and_then(|g| lock(&s.log).replace_segment_with_gap(victim.base, &g).map_err(|e| e.to_string()));
+        let result =
+            gap.and_then(|g| lock(&s.log).replace_segment_with_gap(victim.base, &g).map_err(|e| e.to_string()));
         match result {
             Ok(_) => {
                 tracing::warn!(stream = %s.name, from_seq = victim.base.0, to_seq = victim.end.0, ?reason, "dropped a segment; gap recorded");
@@ -574,6 +586,16 @@ impl Writer {
                 from = read.next;
             }
         }
+    }
+}
+
+impl StreamState {
+    /// Moves the open batch to the closed queue; the next records start a new one.
+    fn close_builder(&mut self) {
+        let b = std::mem::take(&mut self.builder);
+        self.closed.push_back((self.builder_no, b));
+        self.builder_no += 1;
+        self.builder_since_us = None;
     }
 }
 
@@ -667,6 +689,7 @@ fsync = "interval"
 fsync_interval = "10ms"
 linger = "5ms"
 record_bytes_max = "1KiB"
+batch_bytes_max = "8KiB"
 [streams.sensors]
 segment_bytes_max = "4KiB"
 disk_budget_bytes = "16KiB"
@@ -841,5 +864,24 @@ fsync = "always"
         let snap = w.metrics.snapshot();
         let sensors = snap.streams.iter().find(|s| s.name == "sensors").unwrap();
         assert!(sensors.dropped(DropReason::RetentionExpired) > 0);
+    }
+
+    #[test]
+    fn a_burst_never_makes_a_batch_above_batch_bytes_max() {
+        let sim = SimStorage::new();
+        let mut w = open(&sim);
+        let payload = format!("\"{}\"", "x".repeat(900));
+        for i in 0..100u16 {
+            publish(&mut w, i + 1, false, "cdr/a", &payload);
+        }
+        assert_eq!(w.drive(50_000, 0, true).len(), 100);
+        let cfg = LogConfig { read_only: true, ..LogConfig::default() };
+        let mut log = Log::open(Arc::new(sim.clone()), &stream_dir(Path::new("/data"), "cdr"), cfg, 0).unwrap();
+        let read = log.read(log.start_offset(), 1 << 30).unwrap();
+        assert!(read.batches.len() >= 12, "{}", read.batches.len());
+        for b in &read.batches {
+            assert!(b.batch.header().raw_len <= 8 << 10, "batch of {} raw bytes", b.batch.header().raw_len);
+        }
+        assert_eq!(read.batches.iter().map(|b| b.batch.header().record_count).sum::<u32>(), 100);
     }
 }

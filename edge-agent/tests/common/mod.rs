@@ -1,6 +1,8 @@
 //! Harness of the subscribe-mode integration tests: a real Mosquitto on an ephemeral port, the
 //! real `edge-agent` binary, a rumqttc publisher that counts the broker's PUBACKs, and a reader
-//! of the agent's logs that goes through `shared::log`, not through the agent.
+//! of the agent's logs that goes through `shared::log`, not through the agent. For forwarding:
+//! a private CA with its certificates, the real `core-ingest` binary, and a reader of a core's
+//! partition logs (through `shared::log` too: the edge does not depend on core-ingest).
 //!
 //! Every wait is bounded and panics naming what it waited for, with the agent's log tail.
 //! Processes are killed by PID when their handle drops; temporary directories go with them.
@@ -8,7 +10,7 @@
 // Not every test uses every helper.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -725,4 +727,405 @@ impl Rng {
         self.x ^= self.x >> 27;
         self.x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
     }
+}
+
+// ---- certificates --------------------------------------------------------------------------
+
+/// Name the core certificates made here carry; the edge configs built here connect with it.
+pub const CORE_SERVER_NAME: &str = "localhost";
+
+/// A deployment's private CA and the certificates it issued, made with `shared::tls` (what
+/// `core-ingest certs init/issue` writes): one server certificate every core here uses, and
+/// the client certificate of [`EDGE_ID`].
+#[derive(Debug)]
+pub struct Pki {
+    dir: tempfile::TempDir,
+    /// CA certificate (PEM).
+    pub ca_file: PathBuf,
+    /// The cores' certificate, for [`CORE_SERVER_NAME`].
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// The edge's client certificate (CommonName [`EDGE_ID`]).
+    pub edge_cert: PathBuf,
+    /// Its key.
+    pub edge_key: PathBuf,
+}
+
+impl Pki {
+    /// A new CA (three days) and a server and an edge certificate it issued (two days).
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir for certificates");
+        let (ca, ca_key) = shared::tls::generate_ca("backhaul test CA", 3).expect("generating the CA");
+        let (server, server_key) =
+            shared::tls::issue_server_cert(&ca, &ca_key, &[CORE_SERVER_NAME.to_owned()], 2).expect("server cert");
+        let (edge, edge_key) = shared::tls::issue_edge_cert(&ca, &ca_key, EDGE_ID, 2).expect("edge certificate");
+        let write = |name: &str, pem: &str| -> PathBuf {
+            let p = dir.path().join(name);
+            fs::write(&p, pem).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+            p
+        };
+        Pki {
+            ca_file: write("ca.pem", &ca),
+            server_cert: write("server.pem", &server),
+            server_key: write("server.key", &server_key),
+            edge_cert: write("edge.pem", &edge),
+            edge_key: write("edge.key", &edge_key),
+            dir,
+        }
+    }
+}
+
+// ---- the core ------------------------------------------------------------------------------
+
+/// The `core-ingest` binary, beside the agent's: `cargo test --workspace` builds every binary
+/// of the workspace first.
+pub fn core_bin() -> PathBuf {
+    let exe = Path::new(BIN).parent().expect("the agent binary lies in a directory").join("core-ingest");
+    assert!(
+        exe.is_file(),
+        "{} does not exist: the forwarding tests run the real core; build it first \
+         (cargo build -p core-ingest, or run the tests with cargo test --workspace)",
+        exe.display()
+    );
+    exe
+}
+
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding an ephemeral UDP port");
+    s.local_addr().expect("local address of a bound socket").port()
+}
+
+/// A `core-ingest run` process: its config (QUIC and admin on ports fixed when it is made, so
+/// an edge config can name them before it starts and a restart keeps them), data directory
+/// and log. Keep-alive 200 ms and idle timeout 2 s, so a killed peer is noticed quickly.
+#[derive(Debug)]
+pub struct Core {
+    child: Option<Child>,
+    work: tempfile::TempDir,
+    /// `node`.
+    pub node: String,
+    /// `listen` (UDP).
+    pub listen: SocketAddr,
+    /// `admin_listen`.
+    pub admin: SocketAddr,
+    /// `data_dir`.
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Core {
+    /// Writes the config of node `node` storing under `data_dir`; does not start it.
+    pub fn new(node: &str, pki: &Pki, data_dir: &Path) -> Core {
+        let work = tempfile::tempdir().expect("temp dir for the core");
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = format!(
+            "# Written by edge-agent/tests/common.\n\
+             node = \"{node}\"\n\
+             data_dir = \"{}\"\n\
+             listen = \"{listen}\"\n\
+             admin_listen = \"{admin}\"\n\
+             partitions = 4\n\
+             keep_alive = \"200ms\"\n\
+             idle_timeout = \"2s\"\n\n\
+             [tls]\n\
+             ca_file = \"{}\"\n\
+             cert_file = \"{}\"\n\
+             key_file = \"{}\"\n",
+            data_dir.display(),
+            pki.ca_file.display(),
+            pki.server_cert.display(),
+            pki.server_key.display()
+        );
+        let config_path = work.path().join("core-ingest.toml");
+        fs::write(&config_path, config).expect("writing the core config");
+        let log_path = work.path().join("core-ingest.log");
+        Core {
+            child: None,
+            work,
+            node: node.to_owned(),
+            listen,
+            admin,
+            data_dir: data_dir.to_path_buf(),
+            config_path,
+            log_path,
+        }
+    }
+
+    /// [`Core::new`], then [`Core::start`].
+    pub fn started(node: &str, pki: &Pki, data_dir: &Path) -> Core {
+        let mut core = Core::new(node, pki, data_dir);
+        core.start();
+        core
+    }
+
+    /// Starts the node (again, after a kill: same config, same data directory) and waits for
+    /// `/readyz`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "core {} is still running", self.node);
+        let exe = core_bin();
+        let mut log = OpenOptions::new().create(true).append(true).open(&self.log_path).expect("core log");
+        writeln!(log, "===== core-ingest start at {:?}", SystemTime::now()).expect("writing the core log");
+        let child = Command::new(&exe)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", exe.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                panic!("core {} exited with {status} before it was ready\n{}", self.node, self.log_tail());
+            }
+            if http_get(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {START_TIMEOUT:?} waiting for core {} /readyz\n{}", self.node, self.log_tail());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// `127.0.0.1:<port>`, as `[forward] cores` names it.
+    pub fn endpoint(&self) -> String {
+        self.listen.to_string()
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("the core is running");
+        child.kill().expect("SIGKILL core-ingest");
+        child.wait().expect("reaping core-ingest");
+    }
+
+    /// SIGTERM, and wait (bounded) for it to exit.
+    pub fn sigterm_and_wait(&mut self) -> ExitStatus {
+        let child = self.child.take().expect("the core is running");
+        terminate(child, "core-ingest").unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
+    }
+
+    /// `GET /metrics`, or `None` if the node does not answer.
+    pub fn try_metrics(&self) -> Option<String> {
+        http_get(self.admin, "/metrics").filter(|(code, _)| *code == 200).map(|(_, body)| body)
+    }
+
+    /// The value of the unlabelled series `name`; panics if the node does not answer.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text =
+            self.try_metrics().unwrap_or_else(|| panic!("no /metrics from core {}\n{}", self.node, self.log_tail()));
+        metric_value(&text, name, "").unwrap_or_else(|| panic!("no series {name} in:\n{text}")) as u64
+    }
+
+    /// The last lines the node logged (over all its runs).
+    pub fn log_tail(&self) -> String {
+        format!("--- core-ingest {} log (tail) ---\n{}\n--- end of log ---", self.node, tail(&self.log_path, 60))
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// SIGTERM to `child`, then waits for it (bounded); on a timeout kills it and says so.
+fn terminate(mut child: Child, what: &str) -> Result<ExitStatus, String> {
+    let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("running kill");
+    assert!(sent.success(), "kill -TERM {} ({what}) failed", child.id());
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not exit within {STOP_TIMEOUT:?} of SIGTERM"));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `[forward]` towards `cores` (in this order) with the certificates of `pki`, reconnecting
+/// within 50–500 ms and noticing a dead core within 2 s; `extra` adds `key = value` lines.
+pub fn forward_toml(cores: &[&Core], pki: &Pki, extra: &str) -> String {
+    let cores: Vec<String> = cores.iter().map(|c| format!("\"{}\"", c.endpoint())).collect();
+    format!(
+        "[forward]\ncores = [{}]\nserver_name = \"{CORE_SERVER_NAME}\"\nca_file = \"{}\"\ncert_file = \"{}\"\n\
+         key_file = \"{}\"\nkeep_alive = \"200ms\"\nidle_timeout = \"2s\"\nreconnect_min = \"50ms\"\n\
+         reconnect_max = \"500ms\"\n{extra}\n\n",
+        cores.join(", "),
+        pki.ca_file.display(),
+        pki.edge_cert.display(),
+        pki.edge_key.display()
+    )
+}
+
+// ---- reading what a core stored ------------------------------------------------------------
+
+/// A batch as a core's partition log holds it.
+#[derive(Clone, Debug)]
+pub struct CoreBatch {
+    /// Partition.
+    pub partition: usize,
+    /// Its offset in the partition log: the order the core stored it in.
+    pub offset: u64,
+    /// The batch, bytes as the edge made them.
+    pub batch: shared::batch::Batch,
+}
+
+impl CoreBatch {
+    /// (edge, epoch).
+    pub fn producer(&self) -> (String, u64) {
+        let h = self.batch.header();
+        (h.producer.clone(), h.epoch.0)
+    }
+
+    /// The seqs it covers.
+    pub fn seqs(&self) -> std::ops::Range<u64> {
+        let h = self.batch.header();
+        h.base_seq.0..h.end_seq().0
+    }
+}
+
+/// Every batch of `stream` a core stored under `core_data`, partition by partition, each in
+/// log order, read with `shared::log` opened read-only (the core may be running: a torn tail
+/// mid-append is skipped, damage an fsync covered is an error). No stream yet: empty.
+pub fn try_read_core_stream(core_data: &Path, stream: &str) -> Result<Vec<CoreBatch>, String> {
+    let dir = stream_dir(core_data, stream);
+    let count_file = dir.join("partitions");
+    let partitions: usize = match fs::read_to_string(&count_file) {
+        Ok(t) => t.trim().parse().map_err(|_| format!("{}: {t:?} is not a number", count_file.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", count_file.display())),
+    };
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let batches = try_read_log_dir(&dir.join(p.to_string()))?;
+        out.extend(batches.into_iter().map(|(offset, batch)| CoreBatch { partition: p, offset, batch }));
+    }
+    Ok(out)
+}
+
+/// Every committed batch of the log in `dir` with its offset, in log order, read with
+/// `shared::log` opened read-only: a torn tail (an append under way) is left out, damage an
+/// fsync covered is an error. No log there: empty.
+pub fn try_read_log_dir(dir: &Path) -> Result<Vec<(u64, shared::batch::Batch)>, String> {
+    let config = LogConfig { read_only: true, ..LogConfig::default() };
+    let mut log =
+        Log::open(Arc::new(FsStorage), dir, config, 0).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    let corrupt: Vec<String> =
+        log.problems().iter().filter(|p| p.kind.is_corruption()).map(|p| format!("{p:?}")).collect();
+    if !corrupt.is_empty() {
+        return Err(format!("{}: corruption: {corrupt:?}", dir.display()));
+    }
+    let mut out = Vec::new();
+    let mut next = log.start_offset();
+    while next < log.committed_offset() {
+        let read = log.read(next, 4 << 20).map_err(|e| format!("{}: read at {next}: {e}", dir.display()))?;
+        if !read.damage.is_empty() {
+            return Err(format!("{}: damage at {next}: {:?}", dir.display(), read.damage));
+        }
+        out.extend(read.batches.into_iter().map(|b| (b.offset.0, b.batch)));
+        if read.next <= next {
+            break;
+        }
+        next = read.next;
+    }
+    Ok(out)
+}
+
+/// [`try_read_core_stream`], panicking on any problem.
+pub fn read_core_stream(core_data: &Path, stream: &str) -> Vec<CoreBatch> {
+    try_read_core_stream(core_data, stream).unwrap_or_else(|e| panic!("reading the core's log: {e}"))
+}
+
+/// Distinct seqs a core holds of `stream`, per epoch of [`EDGE_ID`] (0 while unreadable).
+pub fn core_held(core_data: &Path, stream: &str) -> BTreeMap<u64, u64> {
+    let mut held: BTreeMap<u64, shared::ranges::RangeSet> = BTreeMap::new();
+    for b in try_read_core_stream(core_data, stream).unwrap_or_default() {
+        let (edge, epoch) = b.producer();
+        if edge == EDGE_ID {
+            held.entry(epoch).or_default().insert(b.seqs());
+        }
+    }
+    held.into_iter().map(|(e, r)| (e, r.len())).collect()
+}
+
+/// How the seqs of one producer stream stand in a set of stored batches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqCheck {
+    /// One past the highest seq.
+    pub end: u64,
+    /// Seqs stored more than once (each range once per extra copy).
+    pub duplicated: Vec<std::ops::Range<u64>>,
+    /// Seqs below `end` stored nowhere.
+    pub missing: Vec<std::ops::Range<u64>>,
+    /// Ranges stored as gap batches.
+    pub gaps: Vec<std::ops::Range<u64>>,
+}
+
+impl SeqCheck {
+    /// Checks `batches` (any order).
+    pub fn of<'a>(batches: impl IntoIterator<Item = &'a CoreBatch>) -> SeqCheck {
+        let mut ranges: Vec<(std::ops::Range<u64>, bool)> =
+            batches.into_iter().map(|b| (b.seqs(), b.batch.header().is_gap())).collect();
+        ranges.sort_by_key(|(r, _)| (r.start, r.end));
+        let mut c = SeqCheck::default();
+        for (r, gap) in ranges {
+            if gap {
+                c.gaps.push(r.clone());
+            }
+            if r.start > c.end {
+                c.missing.push(c.end..r.start);
+            } else if r.start < c.end {
+                c.duplicated.push(r.start..r.end.min(c.end));
+            }
+            c.end = c.end.max(r.end);
+        }
+        c
+    }
+
+    /// Every seq of `0..end` exactly once, no gap batch.
+    pub fn is_exactly_once(&self) -> bool {
+        self.duplicated.is_empty() && self.missing.is_empty() && self.gaps.is_empty()
+    }
+}
+
+/// The batches of `batches` per producer (edge, epoch), each list in stored order.
+pub fn by_producer(batches: &[CoreBatch]) -> BTreeMap<(String, u64), Vec<&CoreBatch>> {
+    let mut out: BTreeMap<(String, u64), Vec<&CoreBatch>> = BTreeMap::new();
+    for b in batches {
+        out.entry(b.producer()).or_default().push(b);
+    }
+    out
+}
+
+/// The records of `batches` by seq (the first copy where a seq is stored twice).
+pub fn records_by_seq<'a>(batches: impl IntoIterator<Item = &'a CoreBatch>) -> BTreeMap<u64, Record> {
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let records = b.batch.records().unwrap_or_else(|e| panic!("batch at offset {}: {e}", b.offset));
+        for (seq, r) in b.seqs().zip(records) {
+            out.entry(seq).or_insert(r);
+        }
+    }
+    out
 }

@@ -14,13 +14,13 @@ use anyhow::Context;
 use shared::log::storage::FsStorage;
 use tokio::sync::{mpsc, watch};
 
-use shared::admin::{self, AdminState, Health};
 use crate::config::Config;
 use crate::forward::cursors::Cursors;
 use crate::forward::driver::{ForwardMetrics, ForwardParams, ForwardStream, drive_forwarder};
 use crate::ingest::driver::{ConnParams, drive_connection};
 use crate::metrics::Metrics;
 use crate::writer::{ConnInfo, Input, Writer};
+use shared::admin::{self, AdminState, Health};
 
 /// Messages waiting for the writer; bounds memory when the disk is slower than the broker.
 const WRITER_QUEUE_LEN: usize = 4096;
@@ -101,7 +101,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 })
                 .collect();
             streams.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
-            let cursors = Cursors::open(&config.data_dir.join("forward.sqlite")).context("opening the forwarding cursors")?;
+            let cursors =
+                Cursors::open(&config.data_dir.join("forward.sqlite")).context("opening the forwarding cursors")?;
             let params = ForwardParams {
                 config: fc.clone(),
                 edge_id: config.edge_id.clone(),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use shared::admin::Readiness;
 use crate::metrics::{DropReason, HistogramSnapshot, ParseError, Snapshot};
+use shared::admin::Readiness;
 
 /// Why `status` could not report.
 #[derive(Debug, Error)]
@@ -306,8 +306,8 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::admin::{self, AdminState, Health};
     use crate::metrics::Metrics;
+    use shared::admin::{self, AdminState, Health};
     use shared::ids::Offset;
     use std::sync::Arc;
 

@@ -24,7 +24,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
-
 /// What `/metrics` serves: a binary's metrics in Prometheus text exposition.
 pub trait RenderMetrics: Send + Sync + std::fmt::Debug {
     /// The exposition text.

@@ -21,7 +21,10 @@ pub fn open_or_create(data_dir: &Path, kind: &str) -> io::Result<u64> {
     let path = data_dir.join(FILE);
     match fs::read_to_string(&path) {
         Ok(text) => parse(&text, kind).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: damaged identity file (or not a {kind} directory)", path.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: damaged identity file (or not a {kind} directory)", path.display()),
+            )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let streams = data_dir.join(STREAMS_DIR);

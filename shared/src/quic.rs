@@ -21,7 +21,12 @@ pub enum Congestion {
 }
 
 /// Transport settings for either end.
-pub fn transport(keep_alive: Duration, idle_timeout: Duration, congestion: Congestion, max_bidi_streams: u32) -> Arc<quinn::TransportConfig> {
+pub fn transport(
+    keep_alive: Duration,
+    idle_timeout: Duration,
+    congestion: Congestion,
+    max_bidi_streams: u32,
+) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle_timeout).unwrap_or(quinn::VarInt::MAX.into())));
@@ -48,7 +53,9 @@ pub async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Opt
         match recv.read_chunk(64 << 10, true).await {
             Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             Ok(None) if buf.is_empty() => return Ok(None),
-            Ok(None) => return Err(Refusal { code: ErrorCode::Protocol, message: "stream ended inside a frame".into() }),
+            Ok(None) => {
+                return Err(Refusal { code: ErrorCode::Protocol, message: "stream ended inside a frame".into() });
+            }
             Err(e) => return Err(Refusal { code: ErrorCode::NoError, message: e.to_string() }),
         }
     }

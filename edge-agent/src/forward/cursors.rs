@@ -52,7 +52,11 @@ impl Cursors {
     pub fn get(&self, stream: &str) -> rusqlite::Result<Option<Cursor>> {
         self.db
             .query_row("SELECT epoch, acked_through, updated_ms FROM cursors WHERE stream = ?1", params![stream], |r| {
-                Ok(Cursor { epoch: r.get::<_, i64>(0)? as u64, acked_through: r.get::<_, i64>(1)? as u64, updated_ms: r.get(2)? })
+                Ok(Cursor {
+                    epoch: r.get::<_, i64>(0)? as u64,
+                    acked_through: r.get::<_, i64>(1)? as u64,
+                    updated_ms: r.get(2)?,
+                })
             })
             .optional()
     }

@@ -46,6 +46,43 @@ impl Gauge {
     }
 }
 
+/// Bucket bounds of [`Histogram`], seconds: 1 ms to 60 s.
+const BUCKETS_S: [f64; 16] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0];
+
+/// A Prometheus histogram over fixed buckets, atomics only.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 16],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one value, in microseconds (negative ones, from clock skew, count as 0).
+    pub fn observe_us(&self, us: i64) {
+        let us = us.max(0) as u64;
+        let s = us as f64 / 1e6;
+        if let Some(i) = BUCKETS_S.iter().position(|&b| s <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS_S.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
 /// Why a connection or stream was refused: the `reason` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -90,6 +127,9 @@ pub struct Metrics {
     pub group_commits: Counter,
     /// Edge connections open.
     pub connections: Gauge,
+    /// From a batch's earliest event time (at the edge: when MQTT delivered the record) to
+    /// the fsync that made it durable here. Across machines it includes their clock offset.
+    pub event_to_durable: Histogram,
     refused: [Counter; 5],
 }
 
@@ -134,6 +174,11 @@ impl Metrics {
         for (name, help, c) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
         }
+        self.event_to_durable.render(
+            &mut out,
+            "backhaul_core_event_to_durable_seconds",
+            "From a batch's earliest event time (edge receive time) to its fsync at the core.",
+        );
         let name = "backhaul_core_connections";
         let _ = writeln!(
             out,
@@ -158,12 +203,17 @@ mod tests {
         let m = Metrics::default();
         m.batches_stored.add(3);
         m.refused(Refused::NotAllowed);
+        m.event_to_durable.observe_us(1_500);
+        m.event_to_durable.observe_us(-5);
         let text = m.render();
         assert!(text.contains("backhaul_core_batches_stored_total 3\n"));
+        assert!(text.contains("backhaul_core_event_to_durable_seconds_bucket{le=\"0.001\"} 1\n"), "{text}");
+        assert!(text.contains("backhaul_core_event_to_durable_seconds_bucket{le=\"0.002\"} 2\n"), "{text}");
+        assert!(text.contains("backhaul_core_event_to_durable_seconds_count 2\n"), "{text}");
         assert!(text.contains("backhaul_core_refused_total{reason=\"not_allowed\"} 1\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();
-            value.parse::<u64>().unwrap();
+            value.parse::<f64>().unwrap();
         }
     }
 }

@@ -177,7 +177,7 @@ impl Store {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<StoreInput>) {
-        let mut waiting: Vec<(ProducerKey, Range<u64>, Stored, Reply)> = Vec::new();
+        let mut waiting: Vec<(ProducerKey, Range<u64>, Stored, i64, Reply)> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut stop = false;
             let mut next = Some(first);
@@ -188,7 +188,7 @@ impl Store {
                     StoreInput::Append(req) => {
                         let AppendRequest { key, range, batch, reply } = *req;
                         match self.append(&key, &range, &batch) {
-                            Ok(stored) => waiting.push((key, range, stored, reply)),
+                            Ok(stored) => waiting.push((key, range, stored, batch.header().min_ts_ms, reply)),
                             Err(refusal) => {
                                 let _ = reply.send(Err(refusal));
                             }
@@ -204,7 +204,11 @@ impl Store {
                 }
             }
             let synced = self.sync_all();
-            for (key, range, stored, reply) in waiting.drain(..) {
+            let now = now_ms();
+            for (key, range, stored, min_ts, reply) in waiting.drain(..) {
+                if synced && stored == Stored::Durable {
+                    self.metrics.event_to_durable.observe_us(now.saturating_sub(min_ts).saturating_mul(1000));
+                }
                 let answer = if synced {
                     self.durable.insert(key, range);
                     Ok(stored)

@@ -1,18 +1,63 @@
-//! `loadgen`: Backhaul's capacity-test driver. This build only answers `--help` and `--version`.
+//! `loadgen`: parse the command line, start tracing on stderr, run the scenario. Exit status:
+//! 0 the scenario ran and its checks passed, 1 a check failed, 2 usage, 3 it could not run.
 
-use clap::Parser;
+use std::process::ExitCode;
 
-/// The command line; scenarios arrive with the simulators.
+use clap::{Parser, Subcommand};
+use loadgen::mqtt_ingest::{self, MqttIngestArgs};
+use tracing_subscriber::EnvFilter;
+
+/// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "loadgen",
     version,
-    about = "Backhaul load generator: simulates MQTT devices and edge agents, impairs the WAN, verifies \
-             end to end and reports capacity figures. Not implemented yet: this build only answers --help \
-             and --version."
+    about = "Backhaul load generator: drives the edge agent and its broker with realistic telemetry and reports \
+             capacity figures beside CPU seconds per process."
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// edge-agent subscribe mode vs Mosquitto's own publish → subscriber rate, on a private
+    /// broker and agent.
+    MqttIngest(MqttIngestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: tokio runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            // Ctrl-C drops the scenario: its processes are killed by PID, its temp dir removed.
+            Command::MqttIngest(args) => tokio::select! {
+                r = mqtt_ingest::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+        }
+    });
+    match outcome {
+        Ok(failures) if failures.is_empty() => ExitCode::SUCCESS,
+        Ok(failures) => {
+            for f in failures {
+                eprintln!("loadgen: check failed: {f}");
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::from(3)
+        }
+    }
 }

@@ -1,0 +1,184 @@
+//! Child processes that die with their handle, and CPU seconds per process from `/proc`.
+//!
+//! A scenario's broker and agent are [`Proc`]s: dropping one (scenario done, error, Ctrl-C)
+//! sends SIGKILL to its PID and reaps it, so nothing outlives `loadgen`. A clean stop is
+//! [`Proc::terminate`]: SIGTERM, then a bounded wait for the exit status.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// How often a wait for a process looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A running child process with its output in a log file; killed by PID on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: &'static str,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts `command` with stdout and stderr appended to `log_path`.
+    pub fn spawn(name: &'static str, mut command: Command, log_path: &Path) -> anyhow::Result<Proc> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating a log handle")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        Ok(Proc { name, child: Some(child), log_path: log_path.to_path_buf() })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its exit status if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM, then waits up to `timeout` for it to exit; SIGKILL after that (an error).
+    pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().expect("a Proc holds its child until terminate or drop");
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        // std sends only SIGKILL; kill(1) keeps the crate free of unsafe and of a libc binding.
+        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().context("running kill")?;
+        if !sent.success() {
+            bail!("kill -TERM {} ({}) failed", child.id(), self.name);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not exit within {timeout:?} of SIGTERM\n{}", self.name, self.log_tail(30));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The last `lines` lines of its output.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = match fs::read(&self.log_path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => return format!("({}: {e})", self.log_path.display()),
+        };
+        let all: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} log ({}) ---\n{}",
+            self.name,
+            self.log_path.display(),
+            all[all.len().saturating_sub(lines)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Converts the clock ticks of `/proc/<pid>/stat` to seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuClock {
+    ticks_per_second: u64,
+}
+
+impl CpuClock {
+    /// Asks `getconf CLK_TCK` (the kernel's `USER_HZ`, 100 on Linux) once.
+    pub fn new() -> anyhow::Result<CpuClock> {
+        let out = Command::new("getconf").arg("CLK_TCK").output().context("running getconf CLK_TCK")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ticks_per_second: u64 =
+            text.trim().parse().with_context(|| format!("getconf CLK_TCK printed {:?}", text.trim()))?;
+        if ticks_per_second == 0 {
+            bail!("getconf CLK_TCK printed 0");
+        }
+        Ok(CpuClock { ticks_per_second })
+    }
+
+    /// User + system CPU seconds `pid` has used so far (`None`: this process).
+    pub fn cpu_seconds(self, pid: Option<u32>) -> anyhow::Result<f64> {
+        let path = match pid {
+            Some(pid) => format!("/proc/{pid}/stat"),
+            None => "/proc/self/stat".to_owned(),
+        };
+        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let ticks = stat_cpu_ticks(&stat).with_context(|| format!("parsing {path}: {stat:?}"))?;
+        Ok(ticks as f64 / self.ticks_per_second as f64)
+    }
+}
+
+/// Busy CPU seconds of the whole machine, every CPU and process (`/proc/stat`): user, nice,
+/// system, irq, softirq and steal; not idle or iowait. Beside the seconds of a run's own
+/// processes it shows how much other load shared the machine.
+pub fn machine_busy_seconds(clock: CpuClock) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = machine_busy_ticks(&stat).context("parsing the cpu line of /proc/stat")?;
+    Ok(ticks as f64 / clock.ticks_per_second as f64)
+}
+
+fn machine_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_ascii_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
+    (v.len() >= 4).then(|| field(0) + field(1) + field(2) + field(5) + field(6) + field(7))
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
+/// is in parentheses and may hold spaces and parentheses itself, so fields count from the last
+/// `)`.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_comm.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_count_from_the_last_parenthesis() {
+        let stat = "4242 (edge (agent) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 731 269 0 0 20 0 9 0 123 0 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(1000));
+        assert_eq!(stat_cpu_ticks("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn machine_busy_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 2 30 5000 40 5 6 7 0 0\ncpu0 50 1 15 2500 20 2 3 3 0 0\nintr 1\n";
+        assert_eq!(machine_busy_ticks(stat), Some(150));
+        assert_eq!(machine_busy_ticks("cpu0 1 2 3 4\n"), None);
+    }
+
+    #[test]
+    fn own_cpu_time_reads() {
+        let clock = CpuClock::new().unwrap();
+        assert!(clock.cpu_seconds(None).unwrap() >= 0.0);
+    }
+}

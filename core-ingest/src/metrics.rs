@@ -47,7 +47,8 @@ impl Gauge {
 }
 
 /// Bucket bounds of [`Histogram`], seconds: 1 ms to 60 s.
-const BUCKETS_S: [f64; 16] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0];
+const BUCKETS_S: [f64; 16] =
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0];
 
 /// A Prometheus histogram over fixed buckets, atomics only.
 #[derive(Debug, Default)]

@@ -380,3 +380,59 @@ fn example_config_loads() {
     assert_eq!(out.status.code(), Some(1), "validate on a config with a typo: {said}");
     assert!(said.contains("streams.cdr.lingr"), "the error names the key: {said}");
 }
+
+/// TLS and a password towards the broker: a Mosquitto TLS listener with a certificate from a
+/// private CA and a password file. The agent connects with `mqtts://`, `ca_file`, `username`
+/// and `password_env`, takes messages, and with a wrong password never becomes ready.
+#[test]
+fn tls_and_password_towards_the_broker() {
+    let pki = common::Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let passwords = dir.path().join("passwords");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["backhaul", "s3cret"])
+        .status()
+        .expect("running mosquitto_passwd (from the mosquitto package)");
+    assert!(made.success(), "mosquitto_passwd failed");
+    let tls_port = common::free_port();
+    let broker = Mosquitto::start(&format!(
+        "password_file {}\nlistener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        passwords.display(),
+        pki.ca_file.display(),
+        pki.server_cert.display(),
+        pki.server_key.display()
+    ));
+    let config = |password_var: &str| {
+        format!(
+            "[[broker]]\nname = \"main\"\nurl = \"mqtts://{}:{tls_port}\"\nca_file = \"{}\"\nusername = \"backhaul\"\n\
+             password_env = \"{password_var}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
+             subscriptions = [\"cdr/#\", \"{}\"]\n\n[[route]]\nfilter = \"cdr/#\"\nstream = \"cdr\"\n\n\
+             [streams.cdr]\nformat = \"json\"\n",
+            common::CORE_SERVER_NAME,
+            pki.ca_file.display(),
+            common::PROBE_FILTER
+        )
+    };
+    let data = tempfile::tempdir().expect("data dir");
+    let mut agent =
+        Agent::start_with(&config("BH_BROKER_PASSWORD"), data.path(), &[("BH_BROKER_PASSWORD", "s3cret")], true);
+    let publisher = Publisher::connect(&broker, "publisher");
+    agent.wait_subscribed(&publisher);
+    let msgs = messages(0, 200, &["cdr/a"]);
+    publisher.publish_all(&msgs);
+    publisher.wait_all_acked(PUBLISH_TIMEOUT);
+    agent.wait_for("200 records appended over TLS", DRAIN_TIMEOUT, |a| (a.appended("cdr") >= 200).then_some(()));
+    assert!(agent.sigterm_and_wait().success());
+    assert_log_holds_exactly(data.path(), "cdr", &msgs);
+
+    let data = tempfile::tempdir().expect("data dir");
+    let mut wrong =
+        Agent::start_with(&config("BH_BROKER_PASSWORD"), data.path(), &[("BH_BROKER_PASSWORD", "nope")], false);
+    std::thread::sleep(Duration::from_secs(2));
+    let connected = wrong.metric("backhaul_edge_broker_connected", "connection=\"main\"");
+    assert_eq!(connected, 0.0, "connected with a wrong password\n{}", wrong.log_tail());
+    assert!(wrong.log_tail().contains("broker connection lost"), "{}", wrong.log_tail());
+    assert!(wrong.sigterm_and_wait().success());
+}

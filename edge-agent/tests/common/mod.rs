@@ -203,12 +203,18 @@ pub struct Agent {
     pub data_dir: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Writes a config (`edge_id`, `data_dir`, `[admin] listen` on a free port, then
     /// `config_body`: brokers, routes, streams), starts the agent and waits for `/readyz`.
     pub fn start(config_body: &str, data_dir: &Path) -> Agent {
+        Agent::start_with(config_body, data_dir, &[], true)
+    }
+
+    /// As [`Agent::start`], with extra environment variables, waiting for `/readyz` or not.
+    pub fn start_with(config_body: &str, data_dir: &Path, env: &[(&str, &str)], wait_ready: bool) -> Agent {
         let work = tempfile::tempdir().expect("temp dir for the agent");
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = format!(
@@ -218,14 +224,24 @@ impl Agent {
         let config_path = work.path().join("edge-agent.toml");
         fs::write(&config_path, config).expect("writing the agent config");
         let log_path = work.path().join("edge-agent.log");
-        let mut agent = Agent { child: None, work, admin, data_dir: data_dir.to_path_buf(), config_path, log_path };
-        agent.restart();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut agent =
+            Agent { child: None, work, admin, data_dir: data_dir.to_path_buf(), config_path, log_path, env };
+        agent.spawn();
+        if wait_ready {
+            agent.wait_ready();
+        }
         agent
     }
 
     /// Starts the agent again with the same config and data directory (after a kill or
     /// a stop) and waits for `/readyz`.
     pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "the agent is still running");
         let mut log = OpenOptions::new().create(true).append(true).open(&self.log_path).expect("agent log");
         writeln!(log, "===== edge-agent start at {:?}", SystemTime::now()).expect("writing the agent log");
@@ -233,13 +249,13 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
             .expect("spawning edge-agent");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Waits until `/readyz` answers 200 (a broker connection is up).

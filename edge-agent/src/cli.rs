@@ -1,4 +1,4 @@
-//! The command line. `main.rs` parses it; [`crate::run_command`] runs it.
+//! The command line. `main.rs` parses it and runs the command (log commands through [`crate::run_log_command`]).
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //!
 //! `shared::synth::cdr_json` writes records of 245–275 bytes (mean ≈ 262). A record shorter
 //! than the requested size is padded up to it; a longer one is left as it is, so the mean is
-//! at least the request and is reported as measured. Padding of up to [`SPACES_MAX`] bytes is
+//! at least the request and is reported as measured. Padding of up to `SPACES_MAX` (16) bytes is
 //! JSON whitespace before the closing brace; more is an `"ext"` field of random base-32 text,
 //! which compresses about as badly as real opaque ids, not as well as a run of spaces.
 

@@ -24,17 +24,15 @@ use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use shared::batch::{BatchHeader, BatchLimits};
 use shared::ids::{Epoch, Offset, Seq};
 use shared::log::segment::{self, FrameInfo};
 use shared::log::storage::{self, FsStorage, Storage};
-use shared::log::verify::{self, StreamReport, list_streams, stream_dir};
-use shared::log::{Log, LogBatch, LogConfig, LogError, Problem, ProblemKind, parse_segment_file_name};
+use shared::log::verify::{self, StreamReport, stream_dir};
+use shared::log::{LogBatch, LogError, Problem, ProblemKind, parse_segment_file_name};
 use shared::ndjson::record_line;
 use shared::ranges::RangeSet;
-use thiserror::Error;
 
 use crate::cli::{DumpArgs, VerifyArgs};
 use crate::store::partition_dir;
@@ -44,72 +42,8 @@ pub const PARTITIONS_FILE: &str = "partitions";
 /// Most partitions a stream may have (as `partitions` in the config).
 pub const PARTITIONS_MAX: u32 = 1024;
 
-/// How a command ended, beyond errors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Nothing wrong beyond what power loss normally leaves.
-    Clean,
-    /// Corruption found (or, for a dump, data that could not be printed).
-    Corruption,
-}
-
-impl Outcome {
-    /// The process exit status: 0 or 1 (errors exit 2).
-    pub fn exit_code(self) -> u8 {
-        match self {
-            Outcome::Clean => 0,
-            Outcome::Corruption => 1,
-        }
-    }
-}
-
-/// Why a command could not do its job.
-#[derive(Debug, Error)]
-pub enum CmdError {
-    /// The data directory cannot be read.
-    #[error("data directory {}: {source}", path.display())]
-    DataDir {
-        /// As given.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-    /// The stream has no log in the data directory.
-    #[error("no stream {stream:?} in {} (streams: {known})", dir.display())]
-    UnknownStream {
-        /// Asked for.
-        stream: String,
-        /// Where streams live.
-        dir: PathBuf,
-        /// The streams there, comma-separated.
-        known: String,
-    },
-    /// The stream's partition count cannot be read.
-    #[error("{}: {reason}", path.display())]
-    Partitions {
-        /// The count file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// A log could not be read.
-    #[error(transparent)]
-    Log(#[from] LogError),
-    /// Some streams could not be verified (each was reported).
-    #[error("could not verify {}", .0.join(", "))]
-    Unverified(Vec<String>),
-    /// Writing the output failed.
-    #[error("writing output: {0}")]
-    Output(#[from] io::Error),
-}
-
-impl CmdError {
-    /// Whether the output's reader went away (`| head`): that ends a command early, not in
-    /// failure.
-    pub fn is_broken_pipe(&self) -> bool {
-        matches!(self, CmdError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
-    }
-}
+pub use shared::log::tool::{CmdError, Outcome};
+use shared::log::tool::{open_read_only, require_stream, streams_of};
 
 /// `log verify`: a report per stream and partition on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
@@ -204,11 +138,11 @@ pub fn ndjson_line(edge: &str, epoch: Epoch, stream: &str, seq: Seq, record: &sh
 /// The partition count of `stream`, from its `partitions` file.
 pub fn partition_count(data_dir: &Path, stream: &str) -> Result<u32, CmdError> {
     let path = stream_dir(data_dir, stream).join(PARTITIONS_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| CmdError::Partitions { path: path.clone(), reason: e.to_string() })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| CmdError::Layout { path: path.clone(), reason: e.to_string() })?;
     match text.trim().parse::<u32>() {
         Ok(n) if (1..=PARTITIONS_MAX).contains(&n) => Ok(n),
-        _ => Err(CmdError::Partitions {
+        _ => Err(CmdError::Layout {
             path,
             reason: format!("{:?} is not a partition count (1 to {PARTITIONS_MAX})", cut(text.trim(), 40)),
         }),
@@ -220,9 +154,6 @@ pub fn partition_count(data_dir: &Path, stream: &str) -> Result<u32, CmdError> {
 /// Batch bytes per read: small enough to keep memory flat, large enough that a read's fixed
 /// cost does not matter.
 const READ_BYTES_MAX: usize = 1 << 20;
-
-/// How often a read-only open is retried when a segment vanishes under it.
-const OPEN_ATTEMPTS_MAX: u32 = 3;
 
 /// Something wrong that is not one of the log's own [`Problem`]s: the stream's layout, or
 /// what the batches say about dedup.
@@ -561,36 +492,6 @@ impl<'a> Dump<'a> {
 
 // ---- helpers -------------------------------------------------------------------------------
 
-fn streams_of(storage: &dyn Storage, data_dir: &Path) -> Result<Vec<String>, CmdError> {
-    list_streams(storage, data_dir).map_err(|source| CmdError::DataDir { path: data_dir.to_path_buf(), source })
-}
-
-fn require_stream(storage: &dyn Storage, data_dir: &Path, stream: &str) -> Result<(), CmdError> {
-    let streams = streams_of(storage, data_dir)?;
-    if streams.iter().any(|s| s == stream) {
-        return Ok(());
-    }
-    let known = if streams.is_empty() { "none".into() } else { streams.join(", ") };
-    Err(CmdError::UnknownStream { stream: stream.into(), dir: data_dir.join(verify::STREAMS_DIR), known })
-}
-
-fn open_read_only(storage: Arc<dyn Storage>, dir: &Path) -> Result<Log, LogError> {
-    let config = LogConfig { read_only: true, ..LogConfig::default() };
-    // Only used to age the active segment, which a read-only log never rolls.
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let mut attempt = 1;
-    loop {
-        match Log::open(storage.clone(), dir, config, now_ms) {
-            Err(LogError::Io { source, .. })
-                if source.kind() == io::ErrorKind::NotFound && attempt < OPEN_ATTEMPTS_MAX =>
-            {
-                attempt += 1;
-            }
-            r => return r,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,7 +561,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let dir = stream_dir(data.path(), "cdr");
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(matches!(partition_count(data.path(), "cdr"), Err(CmdError::Partitions { .. })));
+        assert!(matches!(partition_count(data.path(), "cdr"), Err(CmdError::Layout { .. })));
         for (text, ok) in [("4\n", Some(4)), ("0", None), ("1025", None), ("x", None), ("", None)] {
             std::fs::write(dir.join(PARTITIONS_FILE), text).unwrap();
             assert_eq!(partition_count(data.path(), "cdr").ok(), ok, "{text:?}");

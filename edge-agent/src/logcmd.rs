@@ -9,78 +9,20 @@
 
 use std::collections::HashSet;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use shared::batch::BatchLimits;
 use shared::ids::{Offset, Seq};
 use shared::log::storage::{FsStorage, Storage};
-use shared::log::verify::{self, StreamReport, list_streams, stream_dir};
-use shared::log::{Log, LogConfig, LogError, Problem, ProblemKind};
+use shared::log::verify::{self, StreamReport, stream_dir};
+use shared::log::{Problem, ProblemKind};
 use shared::ndjson::record_line;
-use thiserror::Error;
 
 use crate::cli::{DumpArgs, VerifyArgs};
 
-/// How a command ended, beyond errors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Nothing wrong beyond what power loss normally leaves.
-    Clean,
-    /// Corruption found (or, for a dump, data that could not be printed).
-    Corruption,
-}
-
-impl Outcome {
-    /// The process exit status: 0 or 1 (errors exit 2).
-    pub fn exit_code(self) -> u8 {
-        match self {
-            Outcome::Clean => 0,
-            Outcome::Corruption => 1,
-        }
-    }
-}
-
-/// Why a command could not do its job.
-#[derive(Debug, Error)]
-pub enum CmdError {
-    /// The data directory cannot be read.
-    #[error("data directory {}: {source}", path.display())]
-    DataDir {
-        /// As given.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-    /// The stream has no log in the data directory.
-    #[error("no stream {stream:?} in {} (streams: {known})", dir.display())]
-    UnknownStream {
-        /// Asked for.
-        stream: String,
-        /// Where streams live.
-        dir: PathBuf,
-        /// The streams there, comma-separated.
-        known: String,
-    },
-    /// A log could not be read.
-    #[error(transparent)]
-    Log(#[from] LogError),
-    /// Some streams could not be verified (each was reported).
-    #[error("could not verify {}", .0.join(", "))]
-    Unverified(Vec<String>),
-    /// Writing the output failed.
-    #[error("writing output: {0}")]
-    Output(#[from] io::Error),
-}
-
-impl CmdError {
-    /// Whether the output's reader went away (`| head`): that ends a command early, not in
-    /// failure.
-    pub fn is_broken_pipe(&self) -> bool {
-        matches!(self, CmdError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
-    }
-}
+pub use shared::log::tool::{CmdError, Outcome};
+use shared::log::tool::{open_read_only, require_stream, streams_of};
 
 /// `log verify`: a report per stream on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
@@ -149,10 +91,6 @@ pub fn dump(args: &DumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
 /// Batch bytes per read: small enough to keep memory flat, large enough that a read's fixed
 /// cost does not matter.
 const READ_BYTES_MAX: usize = 1 << 20;
-
-/// How often a read-only open is retried when a segment vanishes under it (the writer's
-/// retention removed it between listing and opening).
-const OPEN_ATTEMPTS_MAX: u32 = 3;
 
 /// State of one dump.
 struct Dump<'a> {
@@ -244,34 +182,4 @@ fn write_report(out: &mut dyn Write, stream: &str, r: &StreamReport) -> io::Resu
         writeln!(out, "{p}")?;
     }
     Ok(())
-}
-
-fn streams_of(storage: &dyn Storage, data_dir: &Path) -> Result<Vec<String>, CmdError> {
-    list_streams(storage, data_dir).map_err(|source| CmdError::DataDir { path: data_dir.to_path_buf(), source })
-}
-
-fn require_stream(storage: &dyn Storage, data_dir: &Path, stream: &str) -> Result<(), CmdError> {
-    let streams = streams_of(storage, data_dir)?;
-    if streams.iter().any(|s| s == stream) {
-        return Ok(());
-    }
-    let known = if streams.is_empty() { "none".into() } else { streams.join(", ") };
-    Err(CmdError::UnknownStream { stream: stream.into(), dir: data_dir.join(verify::STREAMS_DIR), known })
-}
-
-fn open_read_only(storage: Arc<dyn Storage>, dir: &Path) -> Result<Log, LogError> {
-    let config = LogConfig { read_only: true, ..LogConfig::default() };
-    // Only used to age the active segment, which a read-only log never rolls.
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let mut attempt = 1;
-    loop {
-        match Log::open(storage.clone(), dir, config, now_ms) {
-            Err(LogError::Io { source, .. })
-                if source.kind() == io::ErrorKind::NotFound && attempt < OPEN_ATTEMPTS_MAX =>
-            {
-                attempt += 1;
-            }
-            r => return r,
-        }
-    }
 }

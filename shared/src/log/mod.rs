@@ -23,6 +23,7 @@ pub mod index;
 pub mod segment;
 pub mod sim;
 pub mod storage;
+pub mod tool;
 pub mod verify;
 
 use std::io;

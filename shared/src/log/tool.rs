@@ -1,0 +1,119 @@
+//! What the `log verify` and `log dump` commands of both binaries share: how they end, their
+//! errors, and read-only access to a data directory's logs. Their layouts differ (the core has
+//! partitions); their outputs are built on [`super::verify`] and `crate::ndjson`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use super::storage::Storage;
+use super::verify::{STREAMS_DIR, list_streams};
+use super::{Log, LogConfig, LogError};
+
+/// Opening a log read-only races the writer's retention, which may delete a segment between
+/// the listing and the open: try this many times.
+const OPEN_ATTEMPTS_MAX: u32 = 3;
+
+/// How a command ended, beyond errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing wrong beyond what power loss normally leaves.
+    Clean,
+    /// Corruption found (or, for a dump, data that could not be printed).
+    Corruption,
+}
+
+impl Outcome {
+    /// The process exit status: 0 or 1 (errors exit 2).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Clean => 0,
+            Outcome::Corruption => 1,
+        }
+    }
+}
+
+/// Why a command could not do its job.
+#[derive(Debug, Error)]
+pub enum CmdError {
+    /// The data directory cannot be read.
+    #[error("data directory {}: {source}", path.display())]
+    DataDir {
+        /// As given.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The stream has no log in the data directory.
+    #[error("no stream {stream:?} in {} (streams: {known})", dir.display())]
+    UnknownStream {
+        /// Asked for.
+        stream: String,
+        /// Where streams live.
+        dir: PathBuf,
+        /// The streams there, comma-separated.
+        known: String,
+    },
+    /// A file of the directory layout is missing or wrong (the core's partition count).
+    #[error("{}: {reason}", path.display())]
+    Layout {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A log could not be read.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// Some streams could not be verified (each was reported).
+    #[error("could not verify {}", .0.join(", "))]
+    Unverified(Vec<String>),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] io::Error),
+}
+
+impl CmdError {
+    /// Whether the output's reader went away (`| head`): that ends a command early, not in
+    /// failure.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, CmdError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// The streams of `data_dir`.
+pub fn streams_of(storage: &dyn Storage, data_dir: &Path) -> Result<Vec<String>, CmdError> {
+    list_streams(storage, data_dir).map_err(|source| CmdError::DataDir { path: data_dir.to_path_buf(), source })
+}
+
+/// An error naming the streams there if `stream` is not one of them.
+pub fn require_stream(storage: &dyn Storage, data_dir: &Path, stream: &str) -> Result<(), CmdError> {
+    let streams = streams_of(storage, data_dir)?;
+    if streams.iter().any(|s| s == stream) {
+        return Ok(());
+    }
+    let known = if streams.is_empty() { "none".into() } else { streams.join(", ") };
+    Err(CmdError::UnknownStream { stream: stream.into(), dir: data_dir.join(STREAMS_DIR), known })
+}
+
+/// Opens the log in `dir` read-only (nothing on disk changes), retrying a segment that
+/// vanished under a running writer's retention.
+pub fn open_read_only(storage: Arc<dyn Storage>, dir: &Path) -> Result<Log, LogError> {
+    let config = LogConfig { read_only: true, ..LogConfig::default() };
+    // Only used to age the active segment, which a read-only log never rolls.
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let mut attempt = 1;
+    loop {
+        match Log::open(storage.clone(), dir, config, now_ms) {
+            Err(LogError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && attempt < OPEN_ATTEMPTS_MAX =>
+            {
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}

@@ -26,6 +26,10 @@ use shared::admin::{self, AdminState, Health};
 const WRITER_QUEUE_LEN: usize = 4096;
 /// Most inputs the writer takes before it drives (flush, sync, ack) once.
 const WRITER_DRAIN_MAX: usize = 1024;
+/// A burst smaller than this is followed by a [`WRITER_NAP`].
+const WRITER_SMALL_BURST: usize = 64;
+/// How long the writer naps after a small burst.
+const WRITER_NAP: Duration = Duration::from_micros(200);
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -204,6 +208,12 @@ fn writer_loop(
         }
         if stop {
             break;
+        }
+        // Waking this thread costs more than handling a message (a futex and two context
+        // switches): after a small burst, give the next messages a moment to queue up. The
+        // nap is far below the linger and fsync intervals the acks wait for anyway.
+        if taken < WRITER_SMALL_BURST {
+            std::thread::sleep(WRITER_NAP);
         }
     }
     // Dropping the ack senders tells each connection its last ack is queued.

@@ -52,8 +52,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         shared::quic::Congestion::Cubic,
         STREAMS_PER_CONNECTION_MAX,
     ));
-    let endpoint =
-        quinn::Endpoint::server(server_config, config.listen).with_context(|| format!("listen {}", config.listen))?;
+    let socket = udp_socket(config.listen, config.udp_buffer_bytes.0 as usize)
+        .with_context(|| format!("listen {}", config.listen))?;
+    let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), socket, runtime)
+        .with_context(|| format!("listen {}", config.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -99,4 +102,25 @@ impl shared::admin::RenderMetrics for Metrics {
     fn render(&self) -> String {
         Metrics::render(self)
     }
+}
+
+/// The UDP socket QUIC listens on, with buffers of `buffer_bytes` (warns when the kernel caps
+/// them: raise `net.core.rmem_max` / `wmem_max`).
+fn udp_socket(addr: std::net::SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_recv_buffer_size(buffer_bytes)?;
+    socket.set_send_buffer_size(buffer_bytes)?;
+    // Linux reports twice what was granted (it counts its own bookkeeping).
+    let (recv, send) = (socket.recv_buffer_size()? / 2, socket.send_buffer_size()? / 2);
+    if recv < buffer_bytes || send < buffer_bytes {
+        tracing::warn!(
+            requested = buffer_bytes,
+            recv,
+            send,
+            "UDP buffers capped by the kernel: raise net.core.rmem_max and wmem_max, or datagrams will be dropped under load"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }

@@ -273,13 +273,15 @@ impl Store {
 
     /// Fsyncs every log with unsynced appends; false if any failed (those are reopened).
     fn sync_all(&mut self) -> bool {
-        let mut ok = true;
+        let (mut ok, mut synced) = (true, false);
         let mut failed = Vec::new();
         for (name, s) in &mut self.streams {
             for (p, log) in s.logs.iter_mut().enumerate() {
-                if log.needs_sync()
-                    && let Err(e) = log.sync()
-                {
+                if !log.needs_sync() {
+                    continue;
+                }
+                synced = true;
+                if let Err(e) = log.sync() {
                     tracing::error!(stream = %name, partition = p, error = %e, "fsync failed; reopening the log");
                     failed.push((name.clone(), p));
                     ok = false;
@@ -290,7 +292,7 @@ impl Store {
             self.reopen(&name, p);
             self.rebuild_dedup(&name, p);
         }
-        if ok {
+        if ok && synced {
             self.metrics.group_commits.inc();
         }
         ok

@@ -12,7 +12,7 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/core-inges
 
 /// Every key of [`Config`] and its `[tls]` table. `deny_unknown_fields` catches keys the
 /// example has and the config does not; this list catches the other way round.
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 14] = [
     "node",
     "data_dir",
     "listen",
@@ -20,6 +20,7 @@ const KEYS: [&str; 13] = [
     "allow_edges",
     "connections_max",
     "partitions",
+    "udp_buffer_bytes",
     "segment_bytes_max",
     "keep_alive",
     "idle_timeout",

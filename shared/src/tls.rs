@@ -181,7 +181,6 @@ pub fn peer_edge_id(end_entity_der: &[u8]) -> Result<String, TlsError> {
     Ok(id.to_owned())
 }
 
-/// Whether `id` can be an edge id: the producer of its batches, so 1 to
 /// The edge id of the first certificate of a PEM text (the edge checks its own certificate
 /// against its configured `edge_id` at start).
 pub fn cert_pem_edge_id(pem: &[u8]) -> Result<String, TlsError> {
@@ -189,6 +188,7 @@ pub fn cert_pem_edge_id(pem: &[u8]) -> Result<String, TlsError> {
     peer_edge_id(first.as_ref())
 }
 
+/// Whether `id` can be an edge id: the producer of its batches, so 1 to
 /// [`PRODUCER_LEN_MAX`] bytes of UTF-8 without control characters (the batch codec's rule).
 pub fn check_edge_id(id: &str) -> Result<(), TlsError> {
     let reason = if id.is_empty() {

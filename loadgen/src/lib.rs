@@ -11,12 +11,28 @@
 //! - [`prom`]: the few Prometheus text-format series the scenarios read, and quantiles.
 //! - [`process`]: child processes killed by PID on drop, CPU seconds from `/proc`.
 //! - [`report`]: the table printed at the end.
+//! - [`core_ingest`]: `loadgen core-ingest`, many simulated edges into one core node over QUIC:
+//!   durable MB/s and batches/s, group commits, the core's CPU per GB, beside the disk's own rate.
+//! - [`e2e_latency`]: `loadgen e2e-latency`, paced MQTT publishers → Mosquitto → edge-agent →
+//!   QUIC → core-ingest: publish-to-durable latency at a target rate.
+//! - [`core_node`]: the `core-ingest` process, its config and metrics, and the scenario's private CA.
+//! - [`quic_edge`]: simulated edges speaking the wire protocol with pre-encoded batches.
+//! - [`forwarding_agent`]: an `edge-agent` process that forwards to a core.
+//! - [`paced`]: QoS 1 publishers paced by a token schedule.
+//! - [`disk_peer`]: the disk's own append + `sync_data` rate for the same bytes.
 
 pub mod agent;
+pub mod core_ingest;
+pub mod core_node;
+pub mod disk_peer;
+pub mod e2e_latency;
+pub mod forwarding_agent;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod mqtt_ingest;
+pub mod paced;
 pub mod payload;
 pub mod process;
 pub mod prom;
+pub mod quic_edge;
 pub mod report;

@@ -4,6 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use loadgen::core_ingest::{self, CoreIngestArgs};
+use loadgen::e2e_latency::{self, E2eLatencyArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
 use tracing_subscriber::EnvFilter;
 
@@ -25,6 +27,12 @@ enum Command {
     /// edge-agent subscribe mode vs Mosquitto's own publish → subscriber rate, on a private
     /// broker and agent.
     MqttIngest(MqttIngestArgs),
+    /// Many simulated edges into one core-ingest node over QUIC: durable MB/s and batches/s
+    /// with group commit, the core's CPU per GB, beside the disk's own append + fsync rate.
+    CoreIngest(CoreIngestArgs),
+    /// Paced MQTT publishers → Mosquitto → edge-agent → QUIC → core-ingest: publish-to-durable
+    /// latency at a target rate.
+    E2eLatency(E2eLatencyArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +51,14 @@ fn main() -> ExitCode {
             // Ctrl-C drops the scenario: its processes are killed by PID, its temp dir removed.
             Command::MqttIngest(args) => tokio::select! {
                 r = mqtt_ingest::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+            Command::CoreIngest(args) => tokio::select! {
+                r = core_ingest::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+            Command::E2eLatency(args) => tokio::select! {
+                r = e2e_latency::run(args) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
         }

@@ -6,7 +6,7 @@
 //! <data-dir>/streams/<stream>/<p>/         partition p's log (shared::log), p in 0..count
 //! ```
 //!
-//! Both are read-only ([`LogConfig::read_only`], [`shared::log::verify`]): they never truncate,
+//! Both are read-only ([`shared::log::LogConfig::read_only`], [`shared::log::verify`]): they never truncate,
 //! rebuild or create anything, so they can run beside a node that is writing, and see the logs
 //! as of the moment they open them.
 //!

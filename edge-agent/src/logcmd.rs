@@ -1,6 +1,6 @@
 //! `log verify` and `log dump`: operator tools over a data directory's logs.
 //!
-//! Both are read-only ([`LogConfig::read_only`], [`shared::log::verify`]): they
+//! Both are read-only ([`shared::log::LogConfig::read_only`], [`shared::log::verify`]): they
 //! never truncate, rebuild or create anything, so they can run beside an agent that is
 //! writing. They see the logs as of the moment they open them.
 //!

@@ -207,18 +207,7 @@ impl ForwardingAgent {
     /// status and output.
     pub async fn stop_and_verify(self) -> anyhow::Result<(ExitStatus, ExitStatus, String)> {
         let ForwardingAgent { proc, exe, data_dir, .. } = self;
-        tokio::task::spawn_blocking(move || {
-            let exit = proc.terminate(TIMEOUT)?;
-            let out = Command::new(&exe)
-                .args(["log", "verify", "--data-dir"])
-                .arg(&data_dir)
-                .output()
-                .context("running edge-agent log verify")?;
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            Ok((exit, out.status, text))
-        })
-        .await
-        .context("the stop task")?
+        proc.stop_and_verify(TIMEOUT, exe, data_dir).await
     }
 
     fn check(&mut self, deadline: Instant, what: &str) -> anyhow::Result<()> {

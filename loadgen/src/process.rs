@@ -74,6 +74,29 @@ impl Proc {
         }
     }
 
+    /// SIGTERM (as [`Proc::terminate`]), then `<exe> log verify --data-dir <data_dir>`: the
+    /// exit status, the verify status and its output. Blocking work, on a blocking thread.
+    pub async fn stop_and_verify(
+        self,
+        timeout: Duration,
+        exe: PathBuf,
+        data_dir: PathBuf,
+    ) -> anyhow::Result<(ExitStatus, ExitStatus, String)> {
+        let name = self.name;
+        tokio::task::spawn_blocking(move || {
+            let exit = self.terminate(timeout)?;
+            let out = Command::new(&exe)
+                .args(["log", "verify", "--data-dir"])
+                .arg(&data_dir)
+                .output()
+                .with_context(|| format!("running {name} log verify"))?;
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            Ok((exit, out.status, text))
+        })
+        .await
+        .context("the stop task")?
+    }
+
     /// The last `lines` lines of its output.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = match fs::read(&self.log_path) {

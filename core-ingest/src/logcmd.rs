@@ -43,7 +43,7 @@ pub const PARTITIONS_FILE: &str = "partitions";
 pub const PARTITIONS_MAX: u32 = 1024;
 
 pub use shared::log::tool::{CmdError, Outcome};
-use shared::log::tool::{open_read_only, require_stream, streams_of};
+use shared::log::tool::{open_read_only, require_stream, streams_of, verify_streams};
 
 /// `log verify`: a report per stream and partition on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
@@ -55,31 +55,15 @@ pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Re
         }
         None => streams_of(storage.as_ref(), &args.data_dir)?,
     };
-    let (mut corrupt, mut failed) = (Vec::new(), Vec::new());
-    for stream in &streams {
+    verify_streams(&args.data_dir, &streams, out, err, |stream, out| {
         match verify_stream(&storage, &args.data_dir, stream) {
             Ok(report) => {
                 report.write(out)?;
-                if report.is_corrupt() {
-                    corrupt.push(stream.as_str());
-                }
+                Ok(Ok(report.is_corrupt()))
             }
-            Err(e) => {
-                writeln!(err, "{stream}: {e}")?;
-                failed.push(stream.clone());
-            }
+            Err(e) => Ok(Err(e.to_string())),
         }
-    }
-    match (corrupt.is_empty(), streams.len()) {
-        (_, 0) => writeln!(out, "no streams in {}", args.data_dir.join(verify::STREAMS_DIR).display())?,
-        (true, n) => writeln!(out, "{n} stream(s) verified: no corruption")?,
-        (false, n) => writeln!(out, "{n} stream(s) verified: corruption in {}", corrupt.join(", "))?,
-    }
-    out.flush()?;
-    if !failed.is_empty() {
-        return Err(CmdError::Unverified(failed));
-    }
-    Ok(if corrupt.is_empty() { Outcome::Clean } else { Outcome::Corruption })
+    })
 }
 
 /// `log dump`: the stream's records as NDJSON on `out`; problems and a summary on `err`.

@@ -22,7 +22,7 @@ use shared::ndjson::record_line;
 use crate::cli::{DumpArgs, VerifyArgs};
 
 pub use shared::log::tool::{CmdError, Outcome};
-use shared::log::tool::{open_read_only, require_stream, streams_of};
+use shared::log::tool::{open_read_only, require_stream, streams_of, verify_streams};
 
 /// `log verify`: a report per stream on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
@@ -34,31 +34,15 @@ pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Re
         }
         None => streams_of(storage.as_ref(), &args.data_dir)?,
     };
-    let (mut corrupt, mut failed) = (Vec::new(), Vec::new());
-    for stream in &streams {
+    verify_streams(&args.data_dir, &streams, out, err, |stream, out| {
         match verify::verify_stream(storage.clone(), &stream_dir(&args.data_dir, stream), BatchLimits::default()) {
             Ok(report) => {
                 write_report(out, stream, &report)?;
-                if report.is_corrupt() {
-                    corrupt.push(stream.as_str());
-                }
+                Ok(Ok(report.is_corrupt()))
             }
-            Err(e) => {
-                writeln!(err, "{stream}: {e}")?;
-                failed.push(stream.clone());
-            }
+            Err(e) => Ok(Err(e.to_string())),
         }
-    }
-    match (corrupt.is_empty(), streams.len()) {
-        (_, 0) => writeln!(out, "no streams in {}", args.data_dir.join(verify::STREAMS_DIR).display())?,
-        (true, n) => writeln!(out, "{n} stream(s) verified: no corruption")?,
-        (false, n) => writeln!(out, "{n} stream(s) verified: corruption in {}", corrupt.join(", "))?,
-    }
-    out.flush()?;
-    if !failed.is_empty() {
-        return Err(CmdError::Unverified(failed));
-    }
-    Ok(if corrupt.is_empty() { Outcome::Clean } else { Outcome::Corruption })
+    })
 }
 
 /// `log dump`: the stream's records as NDJSON on `out`; problems and a summary on `err`.

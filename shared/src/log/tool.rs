@@ -2,7 +2,7 @@
 //! errors, and read-only access to a data directory's logs. Their layouts differ (the core has
 //! partitions); their outputs are built on [`super::verify`] and `crate::ndjson`.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -116,4 +116,37 @@ pub fn open_read_only(storage: Arc<dyn Storage>, dir: &Path) -> Result<Log, LogE
             r => return r,
         }
     }
+}
+
+/// The body of `log verify` for any layout: `verify_one` prints one stream's report on `out`
+/// and says whether it found corruption (`Ok(Err(why))`: the stream could not be read), then a
+/// summary line. Streams that could not be read are named on `err` and make the command fail.
+pub fn verify_streams(
+    data_dir: &Path,
+    streams: &[String],
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    mut verify_one: impl FnMut(&str, &mut dyn Write) -> Result<Result<bool, String>, CmdError>,
+) -> Result<Outcome, CmdError> {
+    let (mut corrupt, mut failed) = (Vec::new(), Vec::new());
+    for stream in streams {
+        match verify_one(stream, out)? {
+            Ok(true) => corrupt.push(stream.as_str()),
+            Ok(false) => {}
+            Err(e) => {
+                writeln!(err, "{stream}: {e}")?;
+                failed.push(stream.clone());
+            }
+        }
+    }
+    match (corrupt.is_empty(), streams.len()) {
+        (_, 0) => writeln!(out, "no streams in {}", data_dir.join(STREAMS_DIR).display())?,
+        (true, n) => writeln!(out, "{n} stream(s) verified: no corruption")?,
+        (false, n) => writeln!(out, "{n} stream(s) verified: corruption in {}", corrupt.join(", "))?,
+    }
+    out.flush()?;
+    if !failed.is_empty() {
+        return Err(CmdError::Unverified(failed));
+    }
+    Ok(if corrupt.is_empty() { Outcome::Clean } else { Outcome::Corruption })
 }

@@ -19,7 +19,7 @@
 //! Output: reports and records go to `out`, problems met while dumping to `err`, each problem
 //! as `<file>@<byte offset>: <kind>: <detail>`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ use shared::ids::{Epoch, Offset, Seq};
 use shared::log::segment::{self, FrameInfo};
 use shared::log::storage::{self, FsStorage, Storage};
 use shared::log::verify::{self, StreamReport, stream_dir};
-use shared::log::{LogBatch, LogError, Problem, ProblemKind, parse_segment_file_name};
+use shared::log::{LogBatch, LogError, parse_segment_file_name};
 use shared::ndjson::record_line;
 use shared::ranges::RangeSet;
 
@@ -43,7 +43,7 @@ pub const PARTITIONS_FILE: &str = "partitions";
 pub const PARTITIONS_MAX: u32 = 1024;
 
 pub use shared::log::tool::{CmdError, Outcome};
-use shared::log::tool::{open_read_only, require_stream, streams_of, verify_streams};
+use shared::log::tool::{DumpTally, open_read_only, require_stream, streams_of, verify_streams};
 
 /// `log verify`: a report per stream and partition on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
@@ -73,23 +73,23 @@ pub fn dump(args: &DumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     let count = partition_count(&args.data_dir, &args.stream)?;
     let mut d = Dump::new(args);
     for p in 0..count as usize {
-        if d.printed >= d.limit {
+        if d.t.printed >= d.limit {
             break;
         }
         let dir = partition_dir(&args.data_dir, &args.stream, p);
         if !dir.is_dir() {
             // Every partition directory is made when the stream is: this one was lost.
             writeln!(err, "{}@0: PartitionMissing: partition {p} of {count} has no directory", dir.display())?;
-            d.corrupt = true;
+            d.t.corrupt = true;
             continue;
         }
         let mut log = open_read_only(storage.clone(), &dir)?;
-        d.report(err, log.problems())?;
+        d.t.report(err, log.problems())?;
         // Reads continue at batch boundaries; `done` guards against a batch returned twice.
         let (mut next, mut done) = (log.start_offset(), log.start_offset());
-        while next < log.committed_offset() && d.printed < d.limit {
+        while next < log.committed_offset() && d.t.printed < d.limit {
             let read = log.read(next, READ_BYTES_MAX)?;
-            d.report(err, &read.damage)?;
+            d.t.report(err, &read.damage)?;
             for lb in &read.batches {
                 if lb.offset >= done {
                     d.print_batch(out, err, p, lb)?;
@@ -103,8 +103,8 @@ pub fn dump(args: &DumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
         }
     }
     out.flush()?;
-    d.summary(err)?;
-    Ok(if d.corrupt { Outcome::Corruption } else { Outcome::Clean })
+    d.t.summary(err, &args.stream)?;
+    Ok(d.t.outcome())
 }
 
 /// The NDJSON line of a record: [`record_line`] with the producer epoch after the edge, as
@@ -382,28 +382,13 @@ fn cut(s: &str, max: usize) -> &str {
 struct Dump<'a> {
     args: &'a DumpArgs,
     limit: u64,
-    /// Problems already reported, by file and position.
-    seen: HashSet<(PathBuf, u64)>,
-    printed: u64,
-    gaps: u64,
-    gap_seqs: u64,
-    /// Damaged ranges and undecodable batches skipped.
-    skipped: u64,
-    corrupt: bool,
+    /// Counts and problems reported so far.
+    t: DumpTally,
 }
 
 impl<'a> Dump<'a> {
     fn new(args: &'a DumpArgs) -> Self {
-        Dump {
-            args,
-            limit: args.limit.unwrap_or(u64::MAX),
-            seen: HashSet::new(),
-            printed: 0,
-            gaps: 0,
-            gap_seqs: 0,
-            skipped: 0,
-            corrupt: false,
-        }
+        Dump { args, limit: args.limit.unwrap_or(u64::MAX), t: DumpTally::default() }
     }
 
     fn print_batch(&mut self, out: &mut dyn Write, err: &mut dyn Write, p: usize, lb: &LogBatch) -> io::Result<()> {
@@ -413,8 +398,8 @@ impl<'a> Dump<'a> {
             return Ok(());
         }
         if h.is_gap() {
-            self.gaps += 1;
-            self.gap_seqs += h.end_seq().0 - h.base_seq.0.max(from);
+            self.t.gaps += 1;
+            self.t.gap_seqs += h.end_seq().0 - h.base_seq.0.max(from);
             return Ok(());
         }
         let records = match lb.batch.records() {
@@ -431,8 +416,8 @@ impl<'a> Dump<'a> {
                     h.base_seq,
                     h.end_seq()
                 )?;
-                self.skipped += 1;
-                self.corrupt = true;
+                self.t.skipped += 1;
+                self.t.corrupt = true;
                 return Ok(());
             }
         };
@@ -441,36 +426,13 @@ impl<'a> Dump<'a> {
             if seq < from {
                 continue;
             }
-            if self.printed >= self.limit {
+            if self.t.printed >= self.limit {
                 break;
             }
             writeln!(out, "{}", ndjson_line(&h.producer, h.epoch, &self.args.stream, Seq(seq), record))?;
-            self.printed += 1;
+            self.t.printed += 1;
         }
         Ok(())
-    }
-
-    /// Reports problems not reported yet. Missing indexes do not change what a dump prints.
-    fn report(&mut self, err: &mut dyn Write, problems: &[Problem]) -> io::Result<()> {
-        for p in problems.iter().filter(|p| p.kind != ProblemKind::IndexRebuilt) {
-            if self.seen.insert((p.file.clone(), p.pos)) {
-                writeln!(err, "{p}")?;
-                self.skipped += u64::from(matches!(p.kind, ProblemKind::Damage | ProblemKind::TornWrite));
-                self.corrupt |= p.kind.is_corruption();
-            }
-        }
-        Ok(())
-    }
-
-    fn summary(&self, err: &mut dyn Write) -> io::Result<()> {
-        let mut line = format!("{}: {} record(s) printed", self.args.stream, self.printed);
-        if self.gaps > 0 {
-            line += &format!("; {} gap batch(es) covering {} seq(s) not printed", self.gaps, self.gap_seqs);
-        }
-        if self.skipped > 0 {
-            line += &format!("; {} damaged range(s) skipped", self.skipped);
-        }
-        writeln!(err, "{line}")
     }
 }
 

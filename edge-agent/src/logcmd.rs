@@ -7,22 +7,19 @@
 //! Output: reports and records go to `out`, problems met while dumping to `err`, each problem
 //! as `<file>@<byte offset>: <kind>: <detail>`.
 
-use std::collections::HashSet;
 use std::io::{self, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use shared::batch::BatchLimits;
 use shared::ids::{Offset, Seq};
 use shared::log::storage::{FsStorage, Storage};
 use shared::log::verify::{self, StreamReport, stream_dir};
-use shared::log::{Problem, ProblemKind};
 use shared::ndjson::record_line;
 
 use crate::cli::{DumpArgs, VerifyArgs};
 
 pub use shared::log::tool::{CmdError, Outcome};
-use shared::log::tool::{open_read_only, require_stream, streams_of, verify_streams};
+use shared::log::tool::{DumpTally, open_read_only, require_stream, streams_of, verify_streams};
 
 /// `log verify`: a report per stream on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
@@ -50,13 +47,13 @@ pub fn dump(args: &DumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
     require_stream(storage.as_ref(), &args.data_dir, &args.stream)?;
     let mut log = open_read_only(storage, &stream_dir(&args.data_dir, &args.stream))?;
-    let mut d = Dump { args, seen: HashSet::new(), printed: 0, gaps: 0, gap_seqs: 0, skipped: 0, corrupt: false };
-    d.report(err, log.problems())?;
+    let mut d = Dump { args, t: DumpTally::default() };
+    d.t.report(err, log.problems())?;
     let limit = args.limit.unwrap_or(u64::MAX);
     let mut next = log.start_offset().max(Offset(args.from_seq));
-    while next < log.committed_offset() && d.printed < limit {
+    while next < log.committed_offset() && d.t.printed < limit {
         let read = log.read(next, READ_BYTES_MAX)?;
-        d.report(err, &read.damage)?;
+        d.t.report(err, &read.damage)?;
         for lb in &read.batches {
             d.print_batch(out, err, lb)?;
         }
@@ -66,8 +63,8 @@ pub fn dump(args: &DumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
         next = read.next;
     }
     out.flush()?;
-    d.summary(err)?;
-    Ok(if d.corrupt { Outcome::Corruption } else { Outcome::Clean })
+    d.t.summary(err, &args.stream)?;
+    Ok(d.t.outcome())
 }
 
 // ---- helpers -------------------------------------------------------------------------------
@@ -79,25 +76,19 @@ const READ_BYTES_MAX: usize = 1 << 20;
 /// State of one dump.
 struct Dump<'a> {
     args: &'a DumpArgs,
-    /// Problems already reported, by file and position.
-    seen: HashSet<(PathBuf, u64)>,
-    printed: u64,
-    gaps: u64,
-    gap_seqs: u64,
-    /// Damaged ranges and undecodable batches skipped.
-    skipped: u64,
-    corrupt: bool,
+    /// Counts and problems reported so far.
+    t: DumpTally,
 }
 
 impl Dump<'_> {
     fn print_batch(&mut self, out: &mut dyn Write, err: &mut dyn Write, lb: &shared::log::LogBatch) -> io::Result<()> {
         let (from, limit) = (self.args.from_seq, self.args.limit.unwrap_or(u64::MAX));
-        if lb.end().0 <= from || self.printed >= limit {
+        if lb.end().0 <= from || self.t.printed >= limit {
             return Ok(());
         }
         if lb.batch.header().is_gap() {
-            self.gaps += 1;
-            self.gap_seqs += lb.end().0 - lb.offset.0.max(from);
+            self.t.gaps += 1;
+            self.t.gap_seqs += lb.end().0 - lb.offset.0.max(from);
             return Ok(());
         }
         let records = match lb.batch.records() {
@@ -105,8 +96,8 @@ impl Dump<'_> {
             Err(e) => {
                 // Its CRCs held, so this is not rot; still, records go unprinted.
                 writeln!(err, "{}: batch at seq {}: records undecodable: {e}", self.args.stream, lb.offset)?;
-                self.skipped += 1;
-                self.corrupt = true;
+                self.t.skipped += 1;
+                self.t.corrupt = true;
                 return Ok(());
             }
         };
@@ -115,36 +106,13 @@ impl Dump<'_> {
             if seq < from {
                 continue;
             }
-            if self.printed >= limit {
+            if self.t.printed >= limit {
                 break;
             }
             writeln!(out, "{}", record_line(None, &self.args.stream, Seq(seq), record))?;
-            self.printed += 1;
+            self.t.printed += 1;
         }
         Ok(())
-    }
-
-    /// Reports problems not reported yet. Missing indexes do not change what a dump prints.
-    fn report(&mut self, err: &mut dyn Write, problems: &[Problem]) -> io::Result<()> {
-        for p in problems.iter().filter(|p| p.kind != ProblemKind::IndexRebuilt) {
-            if self.seen.insert((p.file.clone(), p.pos)) {
-                writeln!(err, "{p}")?;
-                self.skipped += u64::from(matches!(p.kind, ProblemKind::Damage | ProblemKind::TornWrite));
-                self.corrupt |= p.kind.is_corruption();
-            }
-        }
-        Ok(())
-    }
-
-    fn summary(&self, err: &mut dyn Write) -> io::Result<()> {
-        let mut line = format!("{}: {} record(s) printed", self.args.stream, self.printed);
-        if self.gaps > 0 {
-            line += &format!("; {} gap batch(es) covering {} seq(s) not printed", self.gaps, self.gap_seqs);
-        }
-        if self.skipped > 0 {
-            line += &format!("; {} damaged range(s) skipped", self.skipped);
-        }
-        writeln!(err, "{line}")
     }
 }
 

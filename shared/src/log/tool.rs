@@ -2,6 +2,7 @@
 //! errors, and read-only access to a data directory's logs. Their layouts differ (the core has
 //! partitions); their outputs are built on [`super::verify`] and `crate::ndjson`.
 
+use std::collections::HashSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use thiserror::Error;
 
 use super::storage::Storage;
 use super::verify::{STREAMS_DIR, list_streams};
-use super::{Log, LogConfig, LogError};
+use super::{Log, LogConfig, LogError, Problem, ProblemKind};
 
 /// Opening a log read-only races the writer's retention, which may delete a segment between
 /// the listing and the open: try this many times.
@@ -149,4 +150,52 @@ pub fn verify_streams(
         return Err(CmdError::Unverified(failed));
     }
     Ok(if corrupt.is_empty() { Outcome::Clean } else { Outcome::Corruption })
+}
+
+/// What `log dump` counts while it prints, for its summary on stderr and its outcome.
+#[derive(Debug, Default)]
+pub struct DumpTally {
+    /// Records printed.
+    pub printed: u64,
+    /// Gap batches met (not printed).
+    pub gaps: u64,
+    /// Seqs those gaps cover.
+    pub gap_seqs: u64,
+    /// Damaged ranges and undecodable batches skipped.
+    pub skipped: u64,
+    /// Whether corruption was met.
+    pub corrupt: bool,
+    /// Problems already reported, by file and position.
+    seen: HashSet<(PathBuf, u64)>,
+}
+
+impl DumpTally {
+    /// Reports the problems not reported yet. Missing indexes do not change what a dump prints.
+    pub fn report(&mut self, err: &mut dyn Write, problems: &[Problem]) -> io::Result<()> {
+        for p in problems.iter().filter(|p| p.kind != ProblemKind::IndexRebuilt) {
+            if self.seen.insert((p.file.clone(), p.pos)) {
+                writeln!(err, "{p}")?;
+                self.skipped += u64::from(matches!(p.kind, ProblemKind::Damage | ProblemKind::TornWrite));
+                self.corrupt |= p.kind.is_corruption();
+            }
+        }
+        Ok(())
+    }
+
+    /// The summary line of `stream`.
+    pub fn summary(&self, err: &mut dyn Write, stream: &str) -> io::Result<()> {
+        let mut line = format!("{stream}: {} record(s) printed", self.printed);
+        if self.gaps > 0 {
+            line += &format!("; {} gap batch(es) covering {} seq(s) not printed", self.gaps, self.gap_seqs);
+        }
+        if self.skipped > 0 {
+            line += &format!("; {} damaged range(s) skipped", self.skipped);
+        }
+        writeln!(err, "{line}")
+    }
+
+    /// The command's outcome.
+    pub fn outcome(&self) -> Outcome {
+        if self.corrupt { Outcome::Corruption } else { Outcome::Clean }
+    }
 }

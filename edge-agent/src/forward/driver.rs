@@ -36,6 +36,8 @@ const STREAM_QUEUE_LEN: usize = 64;
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often cursors are written to SQLite.
 const CURSOR_INTERVAL: Duration = Duration::from_secs(1);
+/// How long shutdown waits for the acks of batches in flight.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 /// Most QUIC streams towards a core: a control stream and two lanes per log stream.
 const STREAMS_MAX: u32 = 256;
 
@@ -305,6 +307,9 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
     let mut through: HashMap<usize, u64> = HashMap::new();
     let mut last_cursor_save = Instant::now();
     let mut shutdown = p.shutdown.clone();
+    // At shutdown: stop sending, wait a moment for the acks of what is in flight (so the next
+    // start need not resend it), then close.
+    let mut drain_until: Option<Instant> = None;
     loop {
         // What the logs hold now.
         for (i, s) in p.streams.iter().enumerate() {
@@ -314,7 +319,9 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
             st.handle_released(log.start_offset().0);
         }
         // Send what the session asks for, as long as each lane's queue has room.
-        while let Some(t) = session.poll_transmit() {
+        while drain_until.is_none()
+            && let Some(t) = session.poll_transmit()
+        {
             let full = lanes.get(&(t.stream, t.lane)).is_some_and(|tx| tx.capacity() == 0);
             if full {
                 break;
@@ -374,6 +381,10 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
             save_cursors(p, &through);
             return Ended::HoldDownOver;
         }
+        if drain_until.is_some_and(|until| session.inflight_bytes() == 0 || Instant::now() >= until) {
+            save_cursors(p, &through);
+            return Ended::Shutdown;
+        }
         let event = tokio::select! {
             e = event_rx.recv() => e,
             _ = p.committed.notified() => None,
@@ -382,9 +393,9 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
                 save_cursors(p, &through);
                 return Ended::Lost(e.to_string());
             }
-            _ = shutdown.changed() => {
-                save_cursors(p, &through);
-                return Ended::Shutdown;
+            _ = shutdown.changed(), if drain_until.is_none() => {
+                drain_until = Some(Instant::now() + SHUTDOWN_DRAIN);
+                None
             }
         };
         let mut next = event;

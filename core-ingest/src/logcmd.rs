@@ -43,18 +43,12 @@ pub const PARTITIONS_FILE: &str = "partitions";
 pub const PARTITIONS_MAX: u32 = 1024;
 
 pub use shared::log::tool::{CmdError, Outcome};
-use shared::log::tool::{DumpTally, open_read_only, require_stream, streams_of, verify_streams};
+use shared::log::tool::{DumpTally, open_read_only, require_stream, selected_streams, verify_streams};
 
 /// `log verify`: a report per stream and partition on `out`.
 pub fn verify(args: &VerifyArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<Outcome, CmdError> {
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
-    let streams = match &args.stream {
-        Some(s) => {
-            require_stream(storage.as_ref(), &args.data_dir, s)?;
-            vec![s.clone()]
-        }
-        None => streams_of(storage.as_ref(), &args.data_dir)?,
-    };
+    let streams = selected_streams(storage.as_ref(), &args.data_dir, args.stream.as_deref())?;
     verify_streams(&args.data_dir, &streams, out, err, |stream, out| {
         match verify_stream(&storage, &args.data_dir, stream) {
             Ok(report) => {

@@ -71,6 +71,18 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Room in rumqttc's request channel: every ack of a full window, and subscriptions besides.
+fn request_capacity(b: &BrokerConfig) -> usize {
+    usize::from(b.inflight_max) * 2 + 16
+}
+
+/// The TLS transport for an `mqtts://` broker (its `ca_file` as the only root), or `None`.
+fn tls_transport(b: &BrokerConfig) -> Result<Option<rumqttc::Transport>, String> {
+    Ok(ca_bytes(b)?.map(|ca| {
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple { ca, alpn: None, client_auth: None })
+    }))
+}
+
 fn ca_bytes(b: &BrokerConfig) -> Result<Option<Vec<u8>>, String> {
     let (tls, _, _) = parse_broker_url(&b.url)?;
     match (&b.ca_file, tls) {
@@ -201,7 +213,7 @@ macro_rules! connection_loop {
 
 mod v311 {
     use super::*;
-    use rumqttc::{AsyncClient, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+    use rumqttc::{AsyncClient, MqttOptions, Packet, Publish, QoS};
 
     pub(super) async fn drive(p: ConnParams) {
         let (_, host, port) = parse_broker_url(&p.broker.url).expect("validated url");
@@ -210,17 +222,13 @@ mod v311 {
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_max_packet_size(MAX_PACKET_BYTES, 1 << 20)
-            .set_request_channel_capacity(usize::from(p.broker.inflight_max) * 2 + 16);
+            .set_request_channel_capacity(request_capacity(&p.broker));
         if let Some(user) = &p.broker.username {
             o.set_credentials(user.clone(), p.password.clone().unwrap_or_default());
         }
-        match ca_bytes(&p.broker) {
-            Ok(Some(ca)) => {
-                o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                    ca,
-                    alpn: None,
-                    client_auth: None,
-                }));
+        match tls_transport(&p.broker) {
+            Ok(Some(t)) => {
+                o.set_transport(t);
             }
             Ok(None) => {}
             Err(e) => {
@@ -228,7 +236,7 @@ mod v311 {
                 return;
             }
         }
-        let (client, mut eventloop) = AsyncClient::new(o, usize::from(p.broker.inflight_max) * 2 + 16);
+        let (client, mut eventloop) = AsyncClient::new(o, request_capacity(&p.broker));
         connection_loop!(p, client, eventloop, to_event, publish_for_ack, QoS::AtLeastOnce, QoS::AtMostOnce)
     }
 
@@ -256,7 +264,6 @@ mod v5 {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
     use rumqttc::v5::{AsyncClient, MqttOptions};
-    use rumqttc::{TlsConfiguration, Transport};
 
     pub(super) async fn drive(p: ConnParams) {
         let (_, host, port) = parse_broker_url(&p.broker.url).expect("validated url");
@@ -268,17 +275,13 @@ mod v5 {
             .set_receive_maximum(Some(p.broker.inflight_max))
             .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
             .set_manual_acks(true)
-            .set_request_channel_capacity(usize::from(p.broker.inflight_max) * 2 + 16);
+            .set_request_channel_capacity(request_capacity(&p.broker));
         if let Some(user) = &p.broker.username {
             o.set_credentials(user.clone(), p.password.clone().unwrap_or_default());
         }
-        match ca_bytes(&p.broker) {
-            Ok(Some(ca)) => {
-                o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                    ca,
-                    alpn: None,
-                    client_auth: None,
-                }));
+        match tls_transport(&p.broker) {
+            Ok(Some(t)) => {
+                o.set_transport(t);
             }
             Ok(None) => {}
             Err(e) => {
@@ -286,7 +289,7 @@ mod v5 {
                 return;
             }
         }
-        let (client, mut eventloop) = AsyncClient::new(o, usize::from(p.broker.inflight_max) * 2 + 16);
+        let (client, mut eventloop) = AsyncClient::new(o, request_capacity(&p.broker));
         connection_loop!(p, client, eventloop, to_event, publish_for_ack, QoS::AtLeastOnce, QoS::AtMostOnce)
     }
 

@@ -100,6 +100,17 @@ pub fn require_stream(storage: &dyn Storage, data_dir: &Path, stream: &str) -> R
     Err(CmdError::UnknownStream { stream: stream.into(), dir: data_dir.join(STREAMS_DIR), known })
 }
 
+/// The streams a command works on: `stream` if given (an error if it is not there), else all.
+pub fn selected_streams(storage: &dyn Storage, data_dir: &Path, stream: Option<&str>) -> Result<Vec<String>, CmdError> {
+    match stream {
+        Some(s) => {
+            require_stream(storage, data_dir, s)?;
+            Ok(vec![s.to_owned()])
+        }
+        None => streams_of(storage, data_dir),
+    }
+}
+
 /// Opens the log in `dir` read-only (nothing on disk changes), retrying a segment that
 /// vanished under a running writer's retention.
 pub fn open_read_only(storage: Arc<dyn Storage>, dir: &Path) -> Result<Log, LogError> {

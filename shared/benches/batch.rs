@@ -141,6 +141,15 @@ fn encoded_len_without_attrs(case: &Case, compression: Compression) -> usize {
     out.len()
 }
 
+/// Stored bytes of the batch with its payloads column plain (not shredded).
+fn encoded_len_unshredded(case: &Case, compression: Compression) -> usize {
+    let mut out = BytesMut::new();
+    let mut encoder = BatchEncoder::new(compression).expect("valid level");
+    encoder.set_shred(false);
+    encode(case, &mut encoder, &mut BatchBuilder::new(), &mut out);
+    out.len()
+}
+
 fn raw_body_len(case: &Case) -> usize {
     encoded(case, Compression::None).len() - header_len(case)
 }
@@ -204,9 +213,9 @@ fn print_ratios(cases: &[Case]) {
     eprintln!("\n## Compression ratios (ratio: payload bytes / stored batch bytes, header included)\n");
     eprintln!(
         "| payload | batch | records | payload B | raw body B | codec | batch B | ratio | raw body / batch \
-         | batch B without attrs | zstd B | zstd ratio | batch / zstd size |"
+         | batch B without attrs | batch B unshredded | ratio unshredded | zstd B | zstd ratio | batch / zstd size |"
     );
-    eprintln!("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    eprintln!("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for case in cases {
         let raw_body = raw_body_len(case);
         for (codec, compression) in CODECS {
@@ -226,14 +235,16 @@ fn print_ratios(cases: &[Case]) {
                     format!("{:.3}", batch as f64 / p as f64),
                 ),
             };
+            let plain = encoded_len_unshredded(case, compression);
             eprintln!(
-                "| {} | {} | {} | {} | {raw_body} | {codec} | {batch} | {ratio:.2} | {:.2} | {} | {peer_b} | {peer_ratio} | {vs} |",
+                "| {} | {} | {} | {} | {raw_body} | {codec} | {batch} | {ratio:.2} | {:.2} | {} | {plain} | {:.2} | {peer_b} | {peer_ratio} | {vs} |",
                 case.payload,
                 case.size,
                 case.records.len(),
                 case.payload_bytes,
                 raw_body as f64 / batch as f64,
                 encoded_len_without_attrs(case, compression),
+                case.payload_bytes as f64 / plain as f64,
             );
         }
     }

@@ -19,7 +19,7 @@
 //! off  len  field
 //!   0    4  magic "BHB1"
 //!   4    1  format version (1)
-//!   5    1  flags: bit 0 gap; other bits must be zero
+//!   5    1  flags: bit 0 gap; bit 1 payloads shredded; other bits must be zero
 //!   6    2  header_len: bytes from the magic through header_crc
 //!   8    4  body_len: body bytes after the header, as stored
 //!  12    4  raw_len: body bytes before compression
@@ -48,11 +48,20 @@
 //!   attrs       per record: varint count, then per attribute:
 //!               varint key length, key (UTF-8); varint value length, value (UTF-8)
 //! ```
+//!
+//! With flag bit 1 the payloads column is *shredded* (see the `shred` module): JSON-like
+//! payloads stored as their distinct templates plus their values column by column, which zstd
+//! compresses 15–20% better than the payloads themselves on CDRs. The encoder shreds the JSON
+//! batches it compresses (not SenML: its packs vary in shape, and shredding them measured
+//! worse), and falls back to the plain column when a batch has more than 64 distinct templates. A reader rebuilds the payloads byte for byte; their total length
+//! is bounded by `BatchLimits::raw_bytes_max` like any raw body.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use crate::ids::{Epoch, Seq};
+
+mod shred;
 
 /// First four bytes of every batch.
 pub const MAGIC: [u8; 4] = *b"BHB1";
@@ -60,6 +69,8 @@ pub const MAGIC: [u8; 4] = *b"BHB1";
 pub const VERSION: u8 = 1;
 /// Flag bit: a gap batch (no body; the range was dropped on purpose).
 pub const FLAG_GAP: u8 = 0x01;
+/// Flag bit: the payloads column is shredded into templates and value columns.
+pub const FLAG_SHREDDED: u8 = 0x02;
 
 /// Bytes of the fixed part of the header, up to and including the producer length byte.
 const FIXED_LEN: usize = 69;
@@ -355,6 +366,11 @@ impl BatchHeader {
         self.flags & FLAG_GAP != 0
     }
 
+    /// Whether the payloads column is shredded.
+    pub fn is_shredded(&self) -> bool {
+        self.flags & FLAG_SHREDDED != 0
+    }
+
     /// Bytes of the whole batch, header and body.
     pub fn batch_len(&self) -> usize {
         usize::from(self.header_len) + self.body_len as usize
@@ -380,6 +396,8 @@ impl BatchHeader {
 pub struct Batch {
     header: BatchHeader,
     bytes: Bytes,
+    /// Bounds the payloads a shredded body expands to.
+    limits: BatchLimits,
 }
 
 impl Batch {
@@ -405,7 +423,7 @@ impl Batch {
     pub fn from_bytes(bytes: Bytes, limits: &BatchLimits) -> Result<Batch, BatchError> {
         match Batch::decode(&bytes, limits)? {
             None => Err(BatchError::Truncated { have: bytes.len() }),
-            Some((header, len)) if len == bytes.len() => Ok(Batch { header, bytes }),
+            Some((header, len)) if len == bytes.len() => Ok(Batch { header, bytes, limits: *limits }),
             Some((_, len)) => Err(BatchError::TrailingBytes { batch_len: len, have: bytes.len() }),
         }
     }
@@ -435,7 +453,8 @@ impl Batch {
             Codec::Zstd => Bytes::from(decompress(self.body(), self.header.raw_len)?),
             Codec::ZstdDict => return Err(BatchError::UnknownDictionary(self.header.dict_id)),
         };
-        decode_records(&raw, self.header.record_count)
+        let expand_max = self.header.is_shredded().then_some(self.limits.raw_bytes_max.min(BODY_LEN_CEILING) as usize);
+        decode_records(&raw, self.header.record_count, expand_max)
     }
 }
 
@@ -535,15 +554,26 @@ impl BatchBuilder {
         self.count == 0
     }
 
-    /// The raw body: column lengths, then the columns.
-    fn write_raw(&self, out: &mut Vec<u8>) {
+    /// The raw body: column lengths, then the columns; `payloads` replaces the payloads column.
+    fn write_raw(&self, payloads: Option<&[u8]>, out: &mut Vec<u8>) {
+        let cols: [&[u8]; COLUMNS] =
+            std::array::from_fn(|i| if i == COL_PAYLOAD { payloads.unwrap_or(&self.cols[i]) } else { &self.cols[i] });
         out.clear();
-        out.reserve(self.raw_len());
-        for c in &self.cols {
+        out.reserve(cols.iter().map(|c| c.len() + 10).sum());
+        for c in cols {
             put_varint(out, c.len() as u64);
         }
-        for c in &self.cols {
+        for c in cols {
             out.extend_from_slice(c);
+        }
+    }
+
+    /// Every payload's length, read back from the lengths column.
+    fn payload_lens(&self, out: &mut Vec<usize>) {
+        out.clear();
+        let mut r = Reader { buf: &self.cols[COL_LEN], pos: 0 };
+        while r.pos < r.buf.len() {
+            out.push(r.varint().expect("the builder wrote these varints") as usize);
         }
     }
 
@@ -558,13 +588,20 @@ impl BatchBuilder {
 pub struct BatchEncoder {
     compression: Compression,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    shred: bool,
+    shredder: shred::Shredder,
+    shredded: Vec<u8>,
+    lens: Vec<usize>,
     raw: Vec<u8>,
     scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for BatchEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchEncoder").field("compression", &self.compression).finish_non_exhaustive()
+        f.debug_struct("BatchEncoder")
+            .field("compression", &self.compression)
+            .field("shred", &self.shred)
+            .finish_non_exhaustive()
     }
 }
 
@@ -577,7 +614,22 @@ impl BatchEncoder {
                 Some(zstd::bulk::Compressor::new(level).map_err(|e| BatchError::Compress(e.to_string()))?)
             }
         };
-        Ok(Self { compression, zstd, raw: Vec::new(), scratch: Vec::new() })
+        Ok(Self {
+            compression,
+            zstd,
+            shred: true,
+            shredder: shred::Shredder::default(),
+            shredded: Vec::new(),
+            lens: Vec::new(),
+            raw: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Whether JSON batches that are compressed get their payloads shredded (on by default;
+    /// off stores the payloads column plain, as benches compare).
+    pub fn set_shred(&mut self, on: bool) {
+        self.shred = on;
     }
 
     /// Encodes the builder's records as one batch appended to `out`, and empties the builder.
@@ -594,7 +646,15 @@ impl BatchEncoder {
             });
         }
         check_len("raw_len", builder.raw_len(), BODY_LEN_CEILING as usize)?;
-        builder.write_raw(&mut self.raw);
+        let mut flags = 0;
+        let shred = self.shred && self.zstd.is_some() && meta.payload_format == PayloadFormat::Json && {
+            builder.payload_lens(&mut self.lens);
+            self.shredder.shred(&builder.cols[COL_PAYLOAD], &self.lens, &mut self.shredded)
+        };
+        if shred {
+            flags |= FLAG_SHREDDED;
+        }
+        builder.write_raw(shred.then_some(&self.shredded[..]), &mut self.raw);
         let raw_len = self.raw.len() as u32;
         let (codec, body): (Codec, &[u8]) = match self.zstd.as_mut() {
             None => (Codec::None, &self.raw),
@@ -606,7 +666,7 @@ impl BatchEncoder {
             }
         };
         let header = HeaderFields {
-            flags: 0,
+            flags,
             codec,
             meta,
             record_count: builder.count,
@@ -814,7 +874,7 @@ fn header_of(buf: &[u8]) -> Result<BatchHeader, BatchError> {
 fn parse_header(b: &[u8], limits: &BatchLimits) -> Result<BatchHeader, BatchError> {
     let mut r = Reader { buf: b, pos: 8 };
     let flags = b[5];
-    if flags & !FLAG_GAP != 0 {
+    if flags & !(FLAG_GAP | FLAG_SHREDDED) != 0 {
         return Err(BatchError::Invalid { field: "flags", reason: "unknown flag bits set" });
     }
     let header_len = u16::from_le_bytes([b[6], b[7]]);
@@ -863,7 +923,7 @@ fn parse_header(b: &[u8], limits: &BatchLimits) -> Result<BatchHeader, BatchErro
         return Err(BatchError::Invalid { field: "max_ts", reason: "below min_ts" });
     }
     if gap {
-        if body_len != 0 || raw_len != 0 || codec != Codec::None {
+        if body_len != 0 || raw_len != 0 || codec != Codec::None || flags & FLAG_SHREDDED != 0 {
             return Err(BatchError::Invalid { field: "flags", reason: "a gap batch has no body" });
         }
     } else {
@@ -912,7 +972,9 @@ fn decompress(body: &[u8], raw_len: u32) -> Result<Vec<u8>, BatchError> {
     Ok(out)
 }
 
-fn decode_records(raw: &Bytes, count: u32) -> Result<Vec<Record>, BatchError> {
+/// Decodes a raw body. `expand_max` is set when the payloads column is shredded: the most
+/// payload bytes it may expand to.
+fn decode_records(raw: &Bytes, count: u32, expand_max: Option<usize>) -> Result<Vec<Record>, BatchError> {
     let bad = |reason| BatchError::Invalid { field: "body", reason };
     let mut head = Reader { buf: raw, pos: 0 };
     let mut lens = [0usize; COLUMNS];
@@ -929,7 +991,35 @@ fn decode_records(raw: &Bytes, count: u32) -> Result<Vec<Record>, BatchError> {
         at += lens[i];
         c
     });
-    let payload_base = head.pos + lens[..COL_PAYLOAD].iter().sum::<usize>();
+    // The payloads: a slice of the raw body, or rebuilt from the shredded column.
+    let (payloads, payload_base) = match expand_max {
+        None => (raw.clone(), head.pos + lens[..COL_PAYLOAD].iter().sum::<usize>()),
+        Some(max) => {
+            let mut plens = Vec::with_capacity(count as usize);
+            let mut sum = 0usize;
+            let mut l = Reader { buf: cols[COL_LEN].buf, pos: 0 };
+            for index in 0..count {
+                let len = l.varint().map_err(|_| BatchError::Record { index, reason: "bad payload length" })?;
+                sum = sum.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+                if sum > max {
+                    return Err(BatchError::TooLarge {
+                        field: "shredded payloads",
+                        value: sum as u64,
+                        max: max as u64,
+                    });
+                }
+                plens.push(len as usize);
+            }
+            let mut out = Vec::with_capacity(sum);
+            shred::unshred(cols[COL_PAYLOAD].buf, &plens, &mut out)?;
+            (Bytes::from(out), 0)
+        }
+    };
+    let mut payload_col = Reader { buf: &payloads[payload_base..], pos: 0 };
+    if expand_max.is_none() {
+        payload_col.buf = &payload_col.buf[..lens[COL_PAYLOAD]];
+    }
+    cols[COL_PAYLOAD] = Reader { buf: &[], pos: 0 };
     // `count` is bounded by raw_len / RECORD_LEN_MIN, so this allocation is bounded by raw_len.
     let mut records = Vec::with_capacity(count as usize);
     let mut prev_ts = 0i64;
@@ -941,9 +1031,9 @@ fn decode_records(raw: &Bytes, count: u32) -> Result<Vec<Record>, BatchError> {
         let topic = std::str::from_utf8(topic).map_err(|_| err("topic is not UTF-8"))?.to_owned();
         let payload_len = cols[COL_LEN].varint().map_err(|_| err("bad payload length"))?;
         let payload_len = usize::try_from(payload_len).map_err(|_| err("bad payload length"))?;
-        let start = cols[COL_PAYLOAD].pos;
-        cols[COL_PAYLOAD].take(payload_len).map_err(|_| err("payload runs past its column"))?;
-        let payload = raw.slice(payload_base + start..payload_base + start + payload_len);
+        let start = payload_col.pos;
+        payload_col.take(payload_len).map_err(|_| err("payload runs past its column"))?;
+        let payload = payloads.slice(payload_base + start..payload_base + start + payload_len);
         let a = &mut cols[COL_ATTRS];
         let n_attrs = a.varint().map_err(|_| err("bad attribute count"))?;
         if n_attrs > ATTRS_MAX as u64 {
@@ -959,7 +1049,7 @@ fn decode_records(raw: &Bytes, count: u32) -> Result<Vec<Record>, BatchError> {
         }
         records.push(Record { ts_ms: ts, topic, payload, attrs });
     }
-    if cols.iter().any(|c| c.pos != c.buf.len()) {
+    if cols.iter().any(|c| c.pos != c.buf.len()) || payload_col.pos != payload_col.buf.len() {
         return Err(bad("bytes left in a column after the last record"));
     }
     Ok(records)
@@ -1182,6 +1272,68 @@ mod tests {
         forged[hl - 4..hl].copy_from_slice(&crc.to_le_bytes());
         let batch = Batch::from_bytes(forged.freeze(), &BatchLimits::default()).unwrap();
         assert!(matches!(batch.records(), Err(BatchError::Decompress(_))));
+    }
+
+    fn json_records(n: usize, key_len: usize) -> Vec<Record> {
+        let key = "k".repeat(key_len);
+        (0..n)
+            .map(|i| Record {
+                ts_ms: i as i64,
+                topic: "cdr/x".into(),
+                payload: format!(r#"{{"{key}":{i},"imsi":"3102607{i:08}"}}"#).into_bytes().into(),
+                attrs: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn json_batches_are_shredded_when_compressed_only() {
+        let recs = json_records(50, 4);
+        for (format, compression, shredded) in [
+            (PayloadFormat::Json, Compression::Zstd { level: 1 }, true),
+            (PayloadFormat::Senml, Compression::Zstd { level: 1 }, false),
+            (PayloadFormat::Raw, Compression::Zstd { level: 1 }, false),
+            (PayloadFormat::Json, Compression::None, false),
+        ] {
+            let mut m = meta(0);
+            m.payload_format = format;
+            let mut out = BytesMut::new();
+            BatchEncoder::new(compression).unwrap().encode(&m, &recs, &mut out).unwrap();
+            let batch = Batch::from_bytes(out.freeze(), &BatchLimits::default()).unwrap();
+            assert_eq!(batch.header().is_shredded(), shredded, "{format:?} {compression:?}");
+            assert_eq!(batch.records().unwrap(), recs);
+        }
+        let mut enc = BatchEncoder::new(Compression::Zstd { level: 1 }).unwrap();
+        enc.set_shred(false);
+        let mut out = BytesMut::new();
+        assert!(!enc.encode(&meta(0), &recs, &mut out).unwrap().is_shredded());
+    }
+
+    #[test]
+    fn shredded_payloads_expand_only_up_to_the_raw_limit() {
+        // 200 payloads of ~930 bytes share one template: a few KB raw, 186 KB of payloads.
+        let recs = json_records(200, 900);
+        let bytes = encode(&recs, Compression::Zstd { level: 1 });
+        let tight = BatchLimits { raw_bytes_max: 100_000, ..BatchLimits::default() };
+        let batch = Batch::from_bytes(bytes.clone(), &tight).expect("the stored raw body is small");
+        assert!(batch.header().raw_len < 100_000);
+        assert!(matches!(batch.records(), Err(BatchError::TooLarge { field: "shredded payloads", .. })));
+        let batch = Batch::from_bytes(bytes, &BatchLimits::default()).unwrap();
+        assert_eq!(batch.records().unwrap(), recs);
+    }
+
+    #[test]
+    fn a_gap_batch_may_not_claim_shredded_payloads() {
+        let mut out = BytesMut::new();
+        encode_gap(&meta(0), 3, GapReason::Corruption, (0, 0), &mut out).unwrap();
+        out[5] |= FLAG_SHREDDED;
+        let hl = usize::from(u16::from_le_bytes([out[6], out[7]]));
+        let crc = crc32c::crc32c(&out[..hl - 4]);
+        out[hl - 4..hl].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Batch::decode(&out, &BatchLimits::default()),
+            Err(BatchError::Invalid { field: "flags", .. })
+        ));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! on SIGTERM and their logs verify.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -39,6 +40,8 @@ use crate::paced::{PacedOutcome, PacedPublisher};
 use crate::payload::{Message, MessageSet};
 use crate::process::{self, CpuClock};
 use crate::prom::{self, Bucket};
+use crate::wan::model::Impairment;
+use crate::wan::{Proxy, ProxyLimits, WanCounts};
 
 /// The target: p99 from MQTT publish to durable at the core, seconds.
 pub const TARGET_P99_SECONDS: f64 = 0.050;
@@ -89,6 +92,16 @@ pub struct E2eLatencyArgs {
     /// Seed of the CDR generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Put `loadgen wan`'s impairment proxy between the agent and the core, losing this
+    /// percentage of datagrams each way.
+    #[arg(long, default_value_t = 0.0)]
+    pub wan_loss: f64,
+    /// The proxy's one-way delay (RTT = 2 ×), e.g. 25ms.
+    #[arg(long, default_value = "0ms", value_parser = crate::wan::parse_duration)]
+    pub wan_delay: Duration,
+    /// An outage of the proxy, LENGTH@START from when the agent starts (e.g. 5s@2s); repeatable.
+    #[arg(long = "wan-outage", value_parser = crate::wan::model::Outage::parse)]
+    pub wan_outages: Vec<crate::wan::model::Outage>,
     /// Keep the temp dir (configs, logs, both data dirs) and print where it is.
     #[arg(long)]
     pub keep: bool,
@@ -134,8 +147,22 @@ pub async fn run(args: E2eLatencyArgs) -> anyhow::Result<Vec<String>> {
         batch_bytes_max: "256KiB",
         zstd_level: 1,
     };
+    let wan = if args.wan_loss > 0.0 || !args.wan_delay.is_zero() || !args.wan_outages.is_empty() {
+        let imp = Impairment {
+            loss: args.wan_loss / 100.0,
+            delay: args.wan_delay,
+            outages: args.wan_outages.clone(),
+            ..Impairment::default()
+        };
+        imp.validate().map_err(|e| anyhow::anyhow!("--wan-{e}"))?;
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Some(Proxy::start(loopback, core.listen, imp, args.seed, ProxyLimits::default()).await?)
+    } else {
+        None
+    };
+    let core_addr = wan.as_ref().map_or(core.listen, Proxy::local_addr);
     let mut agent =
-        ForwardingAgent::start(&agent_exe, &dir, &settings, broker.port, core.listen, &pki.ca_file(), &cert).await?;
+        ForwardingAgent::start(&agent_exe, &dir, &settings, broker.port, core_addr, &pki.ca_file(), &cert).await?;
     tracing::info!(core = core.pid(), broker = broker.pid(), agent = agent.pid(), "core, broker and agent ready");
     let mut probe = Publisher::connect(broker.port, "loadgen-probe", 1, packet_bytes_max).await?;
     agent.wait_subscribed(&mut probe).await?;
@@ -182,6 +209,7 @@ pub async fn run(args: E2eLatencyArgs) -> anyhow::Result<Vec<String>> {
         cpu: cpu1.since(&cpu0),
         exits: Exits { agent: agent_exit, agent_verify, core: core_exit, core_verify },
         core_verified: verified_counts(&core_verify_output, STREAM),
+        wan: wan.as_ref().map(Proxy::counts),
         verify_output: format!("{agent_verify_output}\n{core_verify_output}"),
     };
     println!("== loadgen e2e-latency");
@@ -434,6 +462,8 @@ pub struct Report {
     pub core_verified: Option<(u64, u64)>,
     /// The two verify outputs.
     pub verify_output: String,
+    /// What the WAN proxy did, when there was one.
+    pub wan: Option<WanCounts>,
 }
 
 impl Report {
@@ -631,6 +661,9 @@ impl Report {
             ms(p99),
             self.core_share_within(TARGET_P99_SECONDS).unwrap_or(0.0),
         );
+        if let Some(w) = &self.wan {
+            let _ = writeln!(out, "WAN {}", crate::wan::result_line(w).trim_start_matches("RESULT "));
+        }
         out
     }
 }
@@ -682,6 +715,7 @@ mod tests {
             exits: Exits { agent: ok, agent_verify: ok, core: ok, core_verify: ok },
             core_verified: Some((100, 2000)),
             verify_output: String::new(),
+            wan: None,
         }
     }
 

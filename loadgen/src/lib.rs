@@ -20,6 +20,8 @@
 //! - [`forwarding_agent`]: an `edge-agent` process that forwards to a core.
 //! - [`paced`]: QoS 1 publishers paced by a token schedule.
 //! - [`disk_peer`]: the disk's own append + `sync_data` rate for the same bytes.
+//! - [`wan`]: `loadgen wan`, a UDP impairment proxy (loss, delay, jitter, reordering,
+//!   duplication, bandwidth cap, scheduled outages) to put between an edge and its core.
 
 pub mod agent;
 pub mod core_ingest;
@@ -36,3 +38,4 @@ pub mod process;
 pub mod prom;
 pub mod quic_edge;
 pub mod report;
+pub mod wan;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use loadgen::core_ingest::{self, CoreIngestArgs};
 use loadgen::e2e_latency::{self, E2eLatencyArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
+use loadgen::wan::{self, WanArgs};
 use tracing_subscriber::EnvFilter;
 
 /// The command line.
@@ -33,6 +34,9 @@ enum Command {
     /// Paced MQTT publishers → Mosquitto → edge-agent → QUIC → core-ingest: publish-to-durable
     /// latency at a target rate.
     E2eLatency(E2eLatencyArgs),
+    /// A UDP impairment proxy between an edge and its core: loss, delay, jitter, reordering,
+    /// duplication, a bandwidth cap and scheduled outages, each direction seeded.
+    Wan(WanArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,8 @@ fn main() -> ExitCode {
                 r = e2e_latency::run(args) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
+            // Ctrl-C ends the proxy's run; it prints its totals.
+            Command::Wan(args) => wan::run(args).await,
         }
     });
     match outcome {

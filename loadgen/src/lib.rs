@@ -20,12 +20,17 @@
 //! - [`forwarding_agent`]: an `edge-agent` process that forwards to a core.
 //! - [`paced`]: QoS 1 publishers paced by a token schedule.
 //! - [`disk_peer`]: the disk's own append + `sync_data` rate for the same bytes.
+//! - [`devices`]: `loadgen mqtt`, many device connections publishing traceable messages to a
+//!   broker or the agent's listener, with a manifest for `loadgen verify`.
+//! - [`trace`]: traceable device payloads (CDRs, SenML) carrying an id and a send time.
+//! - [`verify`]: `loadgen verify`, every acknowledged message found exactly once.
 //! - [`wan`]: `loadgen wan`, a UDP impairment proxy (loss, delay, jitter, reordering,
 //!   duplication, bandwidth cap, scheduled outages) to put between an edge and its core.
 
 pub mod agent;
 pub mod core_ingest;
 pub mod core_node;
+pub mod devices;
 pub mod disk_peer;
 pub mod e2e_latency;
 pub mod forwarding_agent;
@@ -38,4 +43,6 @@ pub mod process;
 pub mod prom;
 pub mod quic_edge;
 pub mod report;
+pub mod trace;
+pub mod verify;
 pub mod wan;

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loadgen::core_ingest::{self, CoreIngestArgs};
+use loadgen::devices::{self, MqttArgs};
 use loadgen::e2e_latency::{self, E2eLatencyArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
+use loadgen::verify::{self, VerifyArgs};
 use loadgen::wan::{self, WanArgs};
 use tracing_subscriber::EnvFilter;
 
@@ -37,6 +39,12 @@ enum Command {
     /// A UDP impairment proxy between an edge and its core: loss, delay, jitter, reordering,
     /// duplication, a bandwidth cap and scheduled outages, each direction seeded.
     Wan(WanArgs),
+    /// Many device connections publishing traceable CDRs or SenML readings to a broker or to
+    /// the agent's listener; writes a manifest for `verify`.
+    Mqtt(MqttArgs),
+    /// Reads records back (a file, stdin, or a command such as `core-ingest read`) and proves
+    /// every acknowledged message of a `mqtt` run arrived exactly once.
+    Verify(VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +75,11 @@ fn main() -> ExitCode {
             },
             // Ctrl-C ends the proxy's run; it prints its totals.
             Command::Wan(args) => wan::run(args).await,
+            Command::Mqtt(args) => tokio::select! {
+                r = devices::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+            Command::Verify(args) => verify::run(args),
         }
     });
     match outcome {

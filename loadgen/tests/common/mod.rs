@@ -9,6 +9,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_loadgen");
 
 /// `name` beside `loadgen` in `target/<profile>/`: cargo names only a package's own binaries
 /// in `CARGO_BIN_EXE_*`, and `cargo test --workspace` builds every binary before any test runs.
+#[allow(dead_code)] // not every test file starts the other binaries
 pub fn sibling_bin(name: &str) -> PathBuf {
     let dir = Path::new(BIN).parent().expect("the loadgen binary is in a directory");
     let bin = dir.join(name);

@@ -28,6 +28,7 @@
 //!   duplication, bandwidth cap, scheduled outages) to put between an edge and its core.
 
 pub mod agent;
+pub mod bench_report;
 pub mod core_ingest;
 pub mod core_node;
 pub mod devices;

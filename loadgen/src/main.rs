@@ -32,6 +32,8 @@ enum Command {
     MqttIngest(MqttIngestArgs),
     /// Many simulated edges into one core-ingest node over QUIC: durable MB/s and batches/s
     /// with group commit, the core's CPU per GB, beside the disk's own append + fsync rate.
+    /// Also `loadgen edges`.
+    #[command(alias = "edges")]
     CoreIngest(CoreIngestArgs),
     /// Paced MQTT publishers → Mosquitto → edge-agent → QUIC → core-ingest: publish-to-durable
     /// latency at a target rate.

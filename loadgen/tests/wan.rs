@@ -186,3 +186,10 @@ fn records_cross_a_lossy_wan_with_an_outage_exactly_once() {
     assert!(wan.num("up_outage") > 0, "the outage hit traffic: {wan:?}");
     assert!(wan.num("up_lost") + wan.num("down_lost") > 0, "loss hit traffic: {wan:?}");
 }
+
+#[test]
+fn tcp_mode_refuses_datagram_impairments() {
+    let o = Command::new(BIN).args(["wan", "--tcp", "--upstream", "127.0.0.1:9", "--loss", "1"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--loss applies to UDP datagrams"));
+}

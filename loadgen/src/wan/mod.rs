@@ -9,6 +9,7 @@
 //! Bounds: [`ProxyLimits`] (sessions, idle timeout, datagrams waiting to be delivered).
 
 pub mod model;
+pub mod tcp;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -79,6 +80,11 @@ pub struct WanArgs {
     /// A session with no datagram either way for this long is closed.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Relay TCP instead of UDP (for TCP peers such as a Mosquitto bridge or a NATS leaf node):
+    /// delay, rate and outages (as a black hole that holds bytes) apply; loss, jitter, reorder
+    /// and duplicate do not (TCP would retransmit).
+    #[arg(long)]
+    pub tcp: bool,
 }
 
 /// A duration as config files write it (`25ms`, `10s`).
@@ -424,6 +430,9 @@ pub fn result_line(c: &WanCounts) -> String {
 /// `loadgen wan`: runs the proxy, prints a line a second while datagrams flow and the totals at
 /// the end.
 pub async fn run(args: WanArgs) -> anyhow::Result<Vec<String>> {
+    if args.tcp {
+        return run_tcp(args).await;
+    }
     let imp = args.impairment()?;
     let proxy = Proxy::start(args.listen, args.upstream, imp, args.seed, args.limits()).await?;
     println!("wan: listening on {} → upstream {}", proxy.local_addr(), args.upstream);
@@ -461,5 +470,53 @@ pub async fn run(args: WanArgs) -> anyhow::Result<Vec<String>> {
         }
     }
     println!("{}", result_line(&proxy.counts()));
+    Ok(Vec::new())
+}
+
+async fn run_tcp(args: WanArgs) -> anyhow::Result<Vec<String>> {
+    for (name, set) in [
+        ("loss", args.loss != 0.0),
+        ("jitter", !args.jitter.is_zero()),
+        ("reorder", args.reorder != 0.0),
+        ("duplicate", args.duplicate != 0.0),
+    ] {
+        anyhow::ensure!(
+            !set,
+            "--{name} applies to UDP datagrams, not to --tcp (TCP retransmits): use --delay, --rate, --outage"
+        );
+    }
+    let imp = tcp::TcpImpairment { delay: args.delay, rate: args.rate, outages: args.outages.clone() };
+    let proxy = tcp::TcpProxy::start(args.listen, args.upstream, imp).await?;
+    println!("wan: listening on {} → upstream {} (tcp)", proxy.local_addr(), args.upstream);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = proxy.counts();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let c = proxy.counts();
+        let t = started.elapsed().as_secs();
+        if c.up_bytes != last.up_bytes || c.down_bytes != last.down_bytes {
+            eprintln!(
+                "wan {t:>5}s  up {:>8.3} MB/s  down {:>8.3} MB/s  connections {}  chunks held {}",
+                (c.up_bytes - last.up_bytes) as f64 / 1e6,
+                (c.down_bytes - last.down_bytes) as f64 / 1e6,
+                c.connections,
+                c.held
+            );
+        }
+        last = c;
+        if args.seconds > 0 && t >= args.seconds {
+            break;
+        }
+    }
+    let c = proxy.counts();
+    println!(
+        "RESULT connections={} up_bytes={} down_bytes={} held={}",
+        c.connections, c.up_bytes, c.down_bytes, c.held
+    );
     Ok(Vec::new())
 }

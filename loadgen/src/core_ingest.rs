@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 use crate::core_node::{self, CoreMetrics, CoreNode, CoreSettings, Pki, verified_counts};
 use crate::disk_peer::{self, DiskPeerFigures};
 use crate::process::{self, CpuClock};
+use crate::progress::{Goal, Progress};
 use crate::quic_edge::{self, EdgeCounters, EdgeTotals, PooledBatch, STREAM, SimEdge};
 
 /// The target: CPU core-seconds of the core per GB (10^9 bytes) carried over QUIC.
@@ -140,6 +141,12 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
     let start = sample(core.metrics().await?)?;
     go_tx.send_replace(true);
     let deadline = start.at + Duration::from_secs(args.seconds);
+    let progress = {
+        let counters = counters.clone();
+        Progress::start("core-ingest", Goal::Time(Duration::from_secs(args.seconds)), "batches acked", move || {
+            counters.totals().acked_batches
+        })
+    };
     let mut ended = Vec::new();
     while Instant::now() < deadline {
         tokio::time::sleep(ALIVE_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -150,6 +157,7 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
             break;
         }
     }
+    progress.finish();
     let metrics_at_end = core.metrics().await?;
     let end = sample(metrics_at_end)?;
     stop_tx.send_replace(true);

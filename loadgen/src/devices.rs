@@ -14,7 +14,6 @@
 //! messages and those in flight when a connection dropped are "unconfirmed".
 
 use std::collections::{HashMap, VecDeque};
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -26,6 +25,7 @@ use clap::Args;
 use rumqttc::{AsyncClient, ClientError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use shared::ranges::RangeSet;
 
+use crate::progress::{Goal, Progress};
 use crate::trace::{DeviceGen, Kind};
 use crate::verify::{DeviceManifest, Manifest};
 
@@ -109,7 +109,7 @@ pub fn due(m: u64, rate: u64, burst: Option<(Duration, Duration)>) -> Duration {
         Some((on, off)) => {
             // The mean rate is kept: during ON, (ON + OFF) / ON times faster.
             let cycle = (on + off).as_secs_f64();
-            let t = active * cycle / on.as_secs_f64();
+            let t = active * on.as_secs_f64() / cycle;
             let k = (t / on.as_secs_f64()).floor();
             Duration::from_secs_f64(k * cycle + (t - k * on.as_secs_f64()))
         }
@@ -320,12 +320,16 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Vec<String>> {
             device(args, d, start, live).await
         }));
     }
-    let progress = spawn_progress(total, live.clone(), start);
+    let progress = {
+        let live = live.clone();
+        let run_time = start.saturating_duration_since(Instant::now()) + due(total, args.rate, args.burst);
+        Progress::start("mqtt", Goal::Time(run_time), "acked", move || live.acked.load(Relaxed))
+    };
     let mut outcomes = Vec::new();
     for t in tasks {
         outcomes.push(t.await.context("a device task")?);
     }
-    progress.abort();
+    progress.finish();
     let wall = start.elapsed().as_secs_f64();
     let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("valid");
     let (mut acked, mut unconfirmed, mut errors, mut connected) = (0, 0, 0, 0);
@@ -377,50 +381,6 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Vec<String>> {
     Ok(failures)
 }
 
-/// A progress bar on a terminal, a rate line every 5 s otherwise.
-fn spawn_progress(total: u64, live: Arc<Live>, start: Instant) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let tty = std::io::stderr().is_terminal();
-        let bar = if tty {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} acked  {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            Some(b)
-        } else {
-            None
-        };
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut last = (0u64, Instant::now());
-        let mut n = 0u64;
-        loop {
-            tick.tick().await;
-            n += 1;
-            let acked = live.acked.load(Relaxed);
-            let rate = (acked - last.0) as f64 / last.1.elapsed().as_secs_f64();
-            last = (acked, Instant::now());
-            let msg = format!(
-                "{rate:.0} acks/s, {} connected, {} errors",
-                live.connected.load(Relaxed),
-                live.errors.load(Relaxed)
-            );
-            match &bar {
-                Some(b) => {
-                    b.set_position(acked);
-                    b.set_message(msg);
-                }
-                None if n.is_multiple_of(5) => {
-                    let t = Instant::now().saturating_duration_since(start).as_secs();
-                    eprintln!("mqtt {t:>5}s  {acked}/{total} acked  {msg}");
-                }
-                None => {}
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,12 +394,14 @@ mod tests {
     #[test]
     fn bursts_keep_the_mean_rate_and_leave_the_off_time_empty() {
         let b = Some((Duration::from_secs(2), Duration::from_secs(8)));
-        // 100/s mean: 500/s during the 2 s ON; 1000 messages take 2 cycles.
-        let times: Vec<f64> = (0..1000).map(|m| due(m, 100, b).as_secs_f64()).collect();
+        // 100/s mean over 10 s cycles: 1000 messages per cycle, sent at 500/s in its 2 s ON.
+        let times: Vec<f64> = (0..3000).map(|m| due(m, 100, b).as_secs_f64()).collect();
         assert!(times.windows(2).all(|w| w[1] >= w[0]));
         assert!(times.iter().all(|t| (t % 10.0) < 2.0 + 1e-9), "nothing due in an OFF part");
-        assert!((times[999] - 11.998).abs() < 1e-6, "{}", times[999]);
-        assert!((due(1000, 100, b).as_secs_f64() - 20.0).abs() < 1e-9);
+        assert!((times[999] - 1.998).abs() < 1e-6, "{}", times[999]);
+        assert!((times[1000] - 10.0).abs() < 1e-9, "{}", times[1000]);
+        assert!((times[1500] - 11.0).abs() < 1e-9, "{}", times[1500]);
+        assert!((due(3000, 100, b).as_secs_f64() - 30.0).abs() < 1e-9, "the mean rate is kept");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -39,6 +40,7 @@ use crate::mqtt::{Publisher, STALL_TIMEOUT};
 use crate::paced::{PacedOutcome, PacedPublisher};
 use crate::payload::{Message, MessageSet};
 use crate::process::{self, CpuClock};
+use crate::progress::{Goal, Progress};
 use crate::prom::{self, Bucket};
 use crate::wan::model::Impairment;
 use crate::wan::{Proxy, ProxyLimits, WanCounts};
@@ -178,15 +180,23 @@ pub async fn run(args: E2eLatencyArgs) -> anyhow::Result<Vec<String>> {
     let cpu0 = CpuSample::take(clock, pids)?;
     let start = Instant::now() + START_DELAY;
     let stride = publishers.len();
+    let live_acked = Arc::new(AtomicU64::new(0));
+    let progress = {
+        let acked = live_acked.clone();
+        Progress::start("e2e-latency", Goal::Time(Duration::from_secs(args.seconds)), "published", move || {
+            acked.load(Relaxed)
+        })
+    };
     let tasks: Vec<_> = publishers
         .into_iter()
         .enumerate()
-        .map(|(k, p)| tokio::spawn(p.run(messages.clone(), k, stride, start, args.rate as f64)))
+        .map(|(k, p)| tokio::spawn(p.run(messages.clone(), k, stride, start, args.rate as f64, live_acked.clone())))
         .collect();
     let mut outcomes = Vec::new();
     for t in tasks {
         outcomes.push(t.await.context("a publisher task")??);
     }
+    progress.finish();
     tracing::info!("every message published and acknowledged by the broker");
     let (done, after) = wait_durable_at_core(&mut agent, &mut core, &before, n).await?;
     let cpu1 = CpuSample::take(clock, pids)?;

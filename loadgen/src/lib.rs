@@ -9,6 +9,7 @@
 //! - [`mqtt`]: rumqttc publishers and subscriber that count what the broker delivers and acks.
 //! - [`payload`]: the message set, seeded realistic CDR JSON from `shared::synth`.
 //! - [`prom`]: the few Prometheus text-format series the scenarios read, and quantiles.
+//! - [`progress`]: the progress bar (or a plain line every 5 s) of every run.
 //! - [`process`]: child processes killed by PID on drop, CPU seconds from `/proc`.
 //! - [`report`]: the table printed at the end.
 //! - [`core_ingest`]: `loadgen core-ingest`, many simulated edges into one core node over QUIC:
@@ -41,6 +42,7 @@ pub mod mqtt_ingest;
 pub mod paced;
 pub mod payload;
 pub mod process;
+pub mod progress;
 pub mod prom;
 pub mod quic_edge;
 pub mod report;

@@ -56,6 +56,7 @@ impl Publisher {
         messages: Arc<[Message]>,
         first: usize,
         stride: usize,
+        live_acked: Arc<AtomicU64>,
     ) -> anyhow::Result<Instant> {
         let expected = messages.len().saturating_sub(first).div_ceil(stride.max(1));
         let client = self.client.clone();
@@ -73,6 +74,7 @@ impl Publisher {
         while acked < expected {
             if let Event::Incoming(Packet::PubAck(_)) = self.poll("PUBACKs").await? {
                 acked += 1;
+                live_acked.fetch_add(1, Relaxed);
                 last = Instant::now();
             }
         }

@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -28,6 +29,7 @@ use crate::mosquitto::{self, Mosquitto};
 use crate::mqtt::{Publisher, STALL_TIMEOUT, Subscriber};
 use crate::payload::{Message, MessageSet};
 use crate::process::{self, CpuClock};
+use crate::progress::{Goal, Progress};
 use crate::prom;
 use crate::report::{AgentFigures, Report, RunFigures};
 
@@ -184,9 +186,10 @@ async fn peer_run(
         Subscriber::subscribe(broker.port, "loadgen-peer-subscriber", CDR_FILTER, n, packet_bytes_max).await?;
     let publishers = connect_publishers(broker.port, "loadgen-peer-pub", args, packet_bytes_max).await?;
     let cpu0 = CpuSample::take(clock, broker.pid(), None)?;
-    let (t0, publishing) = start_publishing(publishers, messages);
+    let (t0, publishing, progress) = start_publishing(publishers, messages);
     let delivered = sub.wait_all().await?;
     let published = join_publishers(publishing).await?;
+    progress.finish();
     let cpu1 = CpuSample::take(clock, broker.pid(), None)?;
     sub.unsubscribe_and_disconnect(CDR_FILTER).await?;
     Ok(RunFigures {
@@ -213,9 +216,10 @@ async fn agent_run(
     probe.disconnect().await;
     let publishers = connect_publishers(broker.port, "loadgen-agent-pub", args, packet_bytes_max).await?;
     let cpu0 = CpuSample::take(clock, broker.pid(), Some(agent.pid()))?;
-    let (t0, publishing) = start_publishing(publishers, messages);
+    let (t0, publishing, progress) = start_publishing(publishers, messages);
     let (done, after) = wait_agent_done(&mut agent, &before, n).await?;
     let published = join_publishers(publishing).await?;
+    progress.finish();
     let cpu1 = CpuSample::take(clock, broker.pid(), Some(agent.pid()))?;
 
     let buckets = prom::bucket_delta(&after.ack_buckets, &before.ack_buckets);
@@ -298,15 +302,20 @@ async fn connect_publishers(
 fn start_publishing(
     publishers: Vec<Publisher>,
     messages: &Arc<[Message]>,
-) -> (Instant, Vec<JoinHandle<anyhow::Result<Instant>>>) {
+) -> (Instant, Vec<JoinHandle<anyhow::Result<Instant>>>, Progress) {
     let stride = publishers.len();
     let t0 = Instant::now();
+    let acked = Arc::new(AtomicU64::new(0));
+    let progress = {
+        let acked = acked.clone();
+        Progress::start("mqtt-ingest", Goal::Count(messages.len() as u64), "PUBACKs", move || acked.load(Relaxed))
+    };
     let tasks = publishers
         .into_iter()
         .enumerate()
-        .map(|(k, p)| tokio::spawn(p.publish_share(messages.clone(), k, stride)))
+        .map(|(k, p)| tokio::spawn(p.publish_share(messages.clone(), k, stride, acked.clone())))
         .collect();
-    (t0, tasks)
+    (t0, tasks, progress)
 }
 
 /// Waits for every publisher; returns when the last PUBACK came.

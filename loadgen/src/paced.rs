@@ -8,6 +8,7 @@
 //! unacknowledged PUBLISHes; the broker's PUBACKs are counted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -80,7 +81,7 @@ impl PacedPublisher {
 
     /// Publishes `messages[first]`, `messages[first + stride]`, … at QoS 1, message `m` due at
     /// `start + m / rate`; returns once the broker has acknowledged the last one, then
-    /// disconnects.
+    /// disconnects. Each PUBACK also counts in `live_acked` (for the progress display).
     pub async fn run(
         mut self,
         messages: Arc<[Message]>,
@@ -88,6 +89,7 @@ impl PacedPublisher {
         stride: usize,
         start: Instant,
         rate: f64,
+        live_acked: Arc<AtomicU64>,
     ) -> anyhow::Result<PacedOutcome> {
         let stride = stride.max(1);
         let expected = messages.len().saturating_sub(first).div_ceil(stride) as u64;
@@ -124,6 +126,7 @@ impl PacedPublisher {
             };
             if let Event::Incoming(Packet::PubAck(_)) = polled {
                 acked += 1;
+                live_acked.fetch_add(1, Relaxed);
                 last_ack = Instant::now();
             }
         }

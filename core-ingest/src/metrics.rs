@@ -114,6 +114,8 @@ pub struct Metrics {
     pub batches_received: Counter,
     /// Batches appended.
     pub batches_stored: Counter,
+    /// Records in the data batches stored (gap batches not counted).
+    pub records_stored: Counter,
     /// Bytes of batches appended.
     pub bytes_stored: Counter,
     /// Batches already held: acknowledged, not stored.
@@ -150,9 +152,10 @@ impl Metrics {
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 8] = [
+        let counters: [(&str, &str, &Counter); 9] = [
             ("backhaul_core_batches_received_total", "Batches received from edges.", &self.batches_received),
             ("backhaul_core_batches_stored_total", "Batches appended to a partition log.", &self.batches_stored),
+            ("backhaul_core_records_stored_total", "Records in the data batches appended.", &self.records_stored),
             ("backhaul_core_stored_bytes_total", "Bytes of batches appended.", &self.bytes_stored),
             (
                 "backhaul_core_duplicate_batches_total",

@@ -256,6 +256,9 @@ impl Store {
                     self.metrics.gaps.inc();
                 }
                 self.metrics.batches_stored.inc();
+                if !batch.header().is_gap() {
+                    self.metrics.records_stored.add(u64::from(batch.header().record_count));
+                }
                 self.metrics.bytes_stored.add(batch.bytes().len() as u64);
                 self.appended.insert(key.clone(), range.clone());
                 Ok(Stored::Durable)

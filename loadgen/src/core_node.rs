@@ -195,6 +195,8 @@ pub struct CoreMetrics {
     pub batches_stored: u64,
     /// `backhaul_core_stored_bytes_total`.
     pub stored_bytes: u64,
+    /// `backhaul_core_records_stored_total`.
+    pub records_stored: u64,
     /// `backhaul_core_duplicate_batches_total`.
     pub duplicates: u64,
     /// `backhaul_core_conflicting_batches_total`.
@@ -224,6 +226,7 @@ impl CoreMetrics {
             batches_received: count("backhaul_core_batches_received_total")?,
             batches_stored: count("backhaul_core_batches_stored_total")?,
             stored_bytes: count("backhaul_core_stored_bytes_total")?,
+            records_stored: count("backhaul_core_records_stored_total")?,
             duplicates: count("backhaul_core_duplicate_batches_total")?,
             conflicts: count("backhaul_core_conflicting_batches_total")?,
             group_commits: count("backhaul_core_group_commits_total")?,

@@ -118,7 +118,7 @@ pub fn due(m: u64, rate: u64, burst: Option<(Duration, Duration)>) -> Duration {
 
 /// Live counters of all devices.
 #[derive(Debug, Default)]
-struct Live {
+pub struct Live {
     published: AtomicU64,
     acked: AtomicU64,
     connected: AtomicU64,
@@ -293,6 +293,59 @@ async fn wait_connack(el: &mut EventLoop) -> Result<(), rumqttc::ConnectionError
 
 /// `loadgen mqtt`.
 pub async fn run(args: MqttArgs) -> anyhow::Result<Vec<String>> {
+    Ok(start(args).finish().await?.failures)
+}
+
+impl Live {
+    /// Messages acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Relaxed)
+    }
+}
+
+/// Devices connecting and publishing.
+#[derive(Debug)]
+pub struct Running {
+    args: Arc<MqttArgs>,
+    live: Arc<Live>,
+    start: Instant,
+    tasks: Vec<tokio::task::JoinHandle<DeviceOutcome>>,
+    progress: Progress,
+}
+
+/// What a finished run acknowledged.
+#[derive(Debug)]
+pub struct Finished {
+    /// Failed checks.
+    pub failures: Vec<String>,
+    /// Messages acknowledged.
+    pub acked: u64,
+    /// Messages published without an acknowledgement.
+    pub unconfirmed: u64,
+    /// The manifest of the run.
+    pub manifest: Manifest,
+}
+
+impl Running {
+    /// The live counters.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
+    }
+
+    /// When the schedule starts (message 0 is due).
+    pub fn schedule_start(&self) -> Instant {
+        self.start
+    }
+
+    /// Waits for every device, prints the summary, writes the manifest if asked.
+    pub async fn finish(self) -> anyhow::Result<Finished> {
+        let Running { args, live, start, tasks, progress } = self;
+        finish(args, live, start, tasks, progress).await
+    }
+}
+
+/// Starts the devices (see the module doc); [`Running::finish`] waits for them.
+pub fn start(args: MqttArgs) -> Running {
     let args = Arc::new(args);
     let total = args.rate * args.seconds;
     let live = Arc::new(Live::default());
@@ -325,6 +378,17 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Vec<String>> {
         let run_time = start.saturating_duration_since(Instant::now()) + due(total, args.rate, args.burst);
         Progress::start("mqtt", Goal::Time(run_time), "acked", move || live.acked.load(Relaxed))
     };
+    Running { args, live, start, tasks, progress }
+}
+
+async fn finish(
+    args: Arc<MqttArgs>,
+    live: Arc<Live>,
+    start: Instant,
+    tasks: Vec<tokio::task::JoinHandle<DeviceOutcome>>,
+    progress: Progress,
+) -> anyhow::Result<Finished> {
+    let total = args.rate * args.seconds;
     let mut outcomes = Vec::new();
     for t in tasks {
         outcomes.push(t.await.context("a device task")?);
@@ -363,12 +427,12 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Vec<String>> {
         q(0.5),
         q(0.99)
     );
+    let manifest = Manifest {
+        seed: args.seed,
+        devices: outcomes.iter().map(|o| DeviceManifest::new(o.device, &o.acked, &o.unconfirmed)).collect(),
+    };
     if let Some(path) = &args.manifest {
-        let m = Manifest {
-            seed: args.seed,
-            devices: outcomes.iter().map(|o| DeviceManifest::new(o.device, &o.acked, &o.unconfirmed)).collect(),
-        };
-        std::fs::write(path, serde_json::to_vec(&m)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec(&manifest)?).with_context(|| format!("writing {}", path.display()))?;
         println!("manifest: {}", path.display());
     }
     let mut failures = Vec::new();
@@ -378,7 +442,7 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Vec<String>> {
     if args.qos > 0 && acked < total {
         failures.push(format!("{} of {total} messages not acknowledged", total - acked));
     }
-    Ok(failures)
+    Ok(Finished { failures, acked, unconfirmed, manifest })
 }
 
 #[cfg(test)]

@@ -419,6 +419,7 @@ impl Deltas {
                 batches_received: cb.batches_received - ca.batches_received,
                 batches_stored: cb.batches_stored - ca.batches_stored,
                 stored_bytes: cb.stored_bytes - ca.stored_bytes,
+                records_stored: cb.records_stored - ca.records_stored,
                 duplicates: cb.duplicates - ca.duplicates,
                 conflicts: cb.conflicts - ca.conflicts,
                 group_commits: cb.group_commits - ca.group_commits,

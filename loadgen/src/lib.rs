@@ -23,6 +23,8 @@
 //! - [`disk_peer`]: the disk's own append + `sync_data` rate for the same bytes.
 //! - [`devices`]: `loadgen mqtt`, many device connections publishing traceable messages to a
 //!   broker or the agent's listener, with a manifest for `loadgen verify`.
+//! - [`outage`]: `loadgen outage`, a WAN outage and the backfill, Backhaul beside a Mosquitto
+//!   bridge fed the same traffic, both verified message by message.
 //! - [`trace`]: traceable device payloads (CDRs, SenML) carrying an id and a send time.
 //! - [`verify`]: `loadgen verify`, every acknowledged message found exactly once.
 //! - [`wan`]: `loadgen wan`, a UDP impairment proxy (loss, delay, jitter, reordering,
@@ -39,6 +41,7 @@ pub mod forwarding_agent;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod mqtt_ingest;
+pub mod outage;
 pub mod paced;
 pub mod payload;
 pub mod process;

@@ -8,6 +8,7 @@ use loadgen::core_ingest::{self, CoreIngestArgs};
 use loadgen::devices::{self, MqttArgs};
 use loadgen::e2e_latency::{self, E2eLatencyArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
+use loadgen::outage::{self, OutageArgs};
 use loadgen::verify::{self, VerifyArgs};
 use loadgen::wan::{self, WanArgs};
 use tracing_subscriber::EnvFilter;
@@ -47,6 +48,9 @@ enum Command {
     /// Reads records back (a file, stdin, or a command such as `core-ingest read`) and proves
     /// every acknowledged message of a `mqtt` run arrived exactly once.
     Verify(VerifyArgs),
+    /// A WAN outage while devices keep publishing, then the backfill: Backhaul beside a
+    /// Mosquitto bridge, every acknowledged message verified at the core side.
+    Outage(OutageArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,10 @@ fn main() -> ExitCode {
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
             Command::Verify(args) => verify::run(args),
+            Command::Outage(args) => tokio::select! {
+                r = outage::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
         }
     });
     match outcome {

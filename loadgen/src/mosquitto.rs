@@ -43,12 +43,17 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts `exe` with [`bench_conf`] in `dir` and waits until it accepts connections.
     pub fn start(exe: &Path, dir: &Path, inflight: u16) -> anyhow::Result<Mosquitto> {
+        Mosquitto::start_with(exe, dir, inflight, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines (e.g. a bridge) appended to the config.
+    pub fn start_with(exe: &Path, dir: &Path, inflight: u16, extra: &str) -> anyhow::Result<Mosquitto> {
         let conf_path = dir.join("mosquitto.conf");
         let log_path = dir.join("mosquitto.log");
         // A port freed by `free_port` may be taken again before Mosquitto binds it: retry.
         for attempt in 1..=3 {
             let port = free_port()?;
-            let conf = bench_conf(SHIPPED_CONF, port, inflight)?;
+            let conf = bench_conf(SHIPPED_CONF, port, inflight)? + extra;
             fs::write(&conf_path, &conf).with_context(|| format!("writing {}", conf_path.display()))?;
             let mut command = Command::new(exe);
             command.arg("-c").arg(&conf_path);

@@ -176,6 +176,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
+    started: Instant,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -217,7 +218,7 @@ impl Proxy {
             tokio::spawn(schedule(down_rx, shared.clone(), limits.pending_max)),
             tokio::spawn(accept(sock, upstream, shared.clone(), start, limits, up_tx, down_tx)),
         ];
-        Ok(Proxy { addr, shared, tasks })
+        Ok(Proxy { addr, started: start, shared, tasks })
     }
 
     /// The address clients send to.
@@ -228,6 +229,13 @@ impl Proxy {
     /// What happened so far.
     pub fn counts(&self) -> WanCounts {
         self.shared.counts()
+    }
+
+    /// Schedules an outage of both directions from `at` for `length`.
+    pub fn add_outage(&self, at: std::time::Instant, length: Duration) {
+        let o = Outage { start: at.saturating_duration_since(self.started.into_std()), length };
+        self.shared.up.lock().unwrap_or_else(PoisonError::into_inner).add_outage(o);
+        self.shared.down.lock().unwrap_or_else(PoisonError::into_inner).add_outage(o);
     }
 }
 

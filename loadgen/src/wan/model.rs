@@ -183,6 +183,11 @@ impl Link {
         fate
     }
 
+    /// Adds an outage window (times from the link's start).
+    pub fn add_outage(&mut self, o: Outage) {
+        self.imp.outages.push(o);
+    }
+
     /// What happened so far.
     pub fn counts(&self) -> Counts {
         self.counts

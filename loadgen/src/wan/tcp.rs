@@ -59,7 +59,7 @@ pub struct TcpCounts {
 }
 
 struct Shared {
-    imp: TcpImpairment,
+    imp: Mutex<TcpImpairment>,
     start: Instant,
     /// When each direction's capped link is free again (up, down).
     busy: Mutex<[Duration; 2]>,
@@ -76,7 +76,7 @@ pub struct TcpProxy {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("imp", &self.imp).finish_non_exhaustive()
+        f.debug_struct("Shared").finish_non_exhaustive()
     }
 }
 
@@ -95,7 +95,7 @@ impl TcpProxy {
         let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            imp,
+            imp: Mutex::new(imp),
             start: Instant::now(),
             busy: Mutex::new([Duration::ZERO; 2]),
             counts: Mutex::new(TcpCounts::default()),
@@ -107,6 +107,12 @@ impl TcpProxy {
     /// Where clients connect.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Schedules a black hole from `at` for `length`.
+    pub fn add_outage(&self, at: std::time::Instant, length: Duration) {
+        let o = Outage { start: at.saturating_duration_since(self.shared.start.into_std()), length };
+        self.shared.imp.lock().unwrap_or_else(PoisonError::into_inner).outages.push(o);
     }
 
     /// What passed so far.
@@ -130,10 +136,14 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>
         let shared = shared.clone();
         conns.spawn(async move {
             // No SYN crosses a black hole: connect upstream only once the outage is over.
-            if let Some(end) = shared.imp.outage_end(shared.start.elapsed()) {
+            let (end, delay) = {
+                let imp = shared.imp.lock().unwrap_or_else(PoisonError::into_inner);
+                (imp.outage_end(shared.start.elapsed()), imp.delay)
+            };
+            if let Some(end) = end {
                 tokio::time::sleep_until(shared.start + end).await;
             }
-            tokio::time::sleep(shared.imp.delay * 2).await;
+            tokio::time::sleep(delay * 2).await;
             let up = match TcpStream::connect(upstream).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -174,11 +184,15 @@ async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, shared: Arc<Shared>, 
         };
         let now = shared.start.elapsed();
         let mut sent = now;
-        if let Some(end) = shared.imp.outage_end(now) {
+        let (end, rate, delay) = {
+            let imp = shared.imp.lock().unwrap_or_else(PoisonError::into_inner);
+            (imp.outage_end(now), imp.rate, imp.delay)
+        };
+        if let Some(end) = end {
             sent = end;
             shared.counts.lock().unwrap_or_else(PoisonError::into_inner).held += 1;
         }
-        if let Some(rate) = shared.imp.rate {
+        if let Some(rate) = rate {
             let mut busy = shared.busy.lock().unwrap_or_else(PoisonError::into_inner);
             let start = busy[dir].max(sent);
             busy[dir] = start + Duration::from_secs_f64(n as f64 / rate as f64);
@@ -192,7 +206,7 @@ async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, shared: Arc<Shared>, 
                 c.down_bytes += n as u64;
             }
         }
-        if tx.send((shared.start + sent + shared.imp.delay, buf[..n].to_vec())).await.is_err() {
+        if tx.send((shared.start + sent + delay, buf[..n].to_vec())).await.is_err() {
             break;
         }
     }

@@ -35,7 +35,7 @@ pub fn run_ok(args: &[&str]) -> String {
 pub struct ResultLine(String);
 
 impl ResultLine {
-    /// Finds the line; panics if there is none.
+    /// Finds the first line; panics if there is none.
     pub fn of(stdout: &str) -> ResultLine {
         let line =
             stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| panic!("no RESULT in\n{stdout}"));

@@ -142,6 +142,14 @@ fn edge_of(conn: &Connection) -> Result<String, String> {
     shared::tls::peer_edge_id(first.as_ref()).map_err(|e| e.to_string())
 }
 
+/// The serial of the peer's certificate (which one an edge presents, e.g. after a rotation).
+fn peer_serial(conn: &Connection) -> String {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| shared::tls::cert_serial(certs.first()?.as_ref()).ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn close(conn: &Connection, code: ErrorCode, message: &str) {
     conn.close(VarInt::from(code as u16), message.as_bytes());
 }
@@ -162,7 +170,7 @@ async fn run_session(conn: &Connection, edge: &str, id: u64, ctx: &Arc<ServerCon
         streams: keys.iter().zip(held).map(|(k, h)| StreamHeld { name: k.stream.clone(), held: h }).collect(),
     };
     write_frame(&mut ctl_send, &welcome).await?;
-    tracing::info!(%edge, epoch = %format!("{epoch:016x}"), streams = streams.len(), remote = %conn.remote_address(), "edge session started");
+    tracing::info!(%edge, epoch = %format!("{epoch:016x}"), streams = streams.len(), remote = %conn.remote_address(), cert_serial = %peer_serial(conn), "edge session started");
     // A newer session of the same edge supersedes the older one.
     let older = ctx.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(edge.to_owned(), (id, conn.clone()));
     if let Some((_, old)) = older {

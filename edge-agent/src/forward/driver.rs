@@ -70,9 +70,22 @@ pub struct ForwardMetrics {
     tls_reload_failures: AtomicU64,
     /// notAfter (Unix seconds) of the client certificate and of the CA; 0 until loaded.
     cert_expiry: [AtomicI64; 2],
+    /// Per forwarded stream, the seq below which a core acknowledged everything (this epoch).
+    acked_offset: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl ForwardMetrics {
+    /// Records that a core acknowledged `stream` below `offset`.
+    pub fn set_acked_offset(&self, stream: &str, offset: u64) {
+        let mut acked = self.acked_offset.lock().unwrap_or_else(|e| e.into_inner());
+        match acked.get_mut(stream) {
+            Some(v) => *v = offset,
+            None => {
+                acked.insert(stream.to_owned(), offset);
+            }
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let families = [
@@ -107,6 +120,14 @@ impl ForwardMetrics {
         let mut out = String::new();
         for (name, kind, help, v) in families {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n", v.load(Relaxed)));
+        }
+        let name = "backhaul_edge_forward_acked_offset";
+        out.push_str(&format!(
+            "# HELP {name} Seq below which a core acknowledged the stream durable; \
+             backhaul_edge_log_committed_offset minus this is the backlog in records.\n# TYPE {name} gauge\n"
+        ));
+        for (stream, offset) in self.acked_offset.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            out.push_str(&format!("{name}{{stream=\"{stream}\"}} {offset}\n"));
         }
         let name = "backhaul_edge_tls_cert_expiry_timestamp_seconds";
         out.push_str(&format!(
@@ -311,6 +332,13 @@ fn backoff(attempt: u32, c: &ForwardConfig) -> Duration {
 
 /// At start, release what the cursors say a core acknowledged (same epoch only).
 fn release_from_cursors(p: &ForwardParams) {
+    for s in &p.streams {
+        let acked = match p.cursors.get(&s.name) {
+            Ok(Some(c)) if c.epoch == p.epoch.0 => c.acked_through,
+            _ => 0,
+        };
+        p.metrics.set_acked_offset(&s.name, acked);
+    }
     for s in p.streams.iter().filter(|s| s.release_on == ReleaseOn::Durable) {
         if let Ok(Some(c)) = p.cursors.get(&s.name)
             && c.epoch == p.epoch.0
@@ -480,6 +508,7 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
                     p.metrics.batches_acked.fetch_add(1, Relaxed);
                     let t = session.stream(i).acked_through();
                     through.insert(i, t);
+                    p.metrics.set_acked_offset(&p.streams[i].name, t);
                     if p.streams[i].release_on == ReleaseOn::Durable {
                         let mut log = lock(&p.streams[i].log);
                         log.release_below(Offset(t));

@@ -281,3 +281,78 @@ fn both_binaries_speak_sd_notify_ready_watchdog_stopping() {
     assert!(status.success(), "{}", agent.log_tail());
     wait_notifications(&edge_socket, "STOPPING=1", 1, Duration::from_secs(5), &mut got);
 }
+
+/// Metrics the dashboard and the alerts query that no binary serves yet, each with where it
+/// will come from.
+const COMING: [(&str, &str); 1] = [("backhaul_core_tier_backlog_bytes", "tiering (core-ingest)")];
+
+/// Every `backhaul_…` metric name in `text`.
+fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("backhaul_") {
+        let tail = &rest[i..];
+        let end =
+            tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Names of the series in a Prometheus text exposition (sample lines only).
+fn served_series(exposition: &str) -> std::collections::BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn dashboard_and_alerts_query_only_metrics_the_binaries_serve() {
+    const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/backhaul.json");
+    const ALERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/backhaul-alerts.yml");
+    let pki = Pki::new();
+    let core_data = tempfile::tempdir().expect("core data dir");
+    let core = Core::started("core-a", &pki, core_data.path());
+    let broker = Mosquitto::start("");
+    let data = tempfile::tempdir().expect("edge data dir");
+    let config = cdr_only(&broker).replace("format = \"json\"\n", "format = \"json\"\ndisk_budget_bytes = \"1GiB\"\n")
+        + "[disk]\nbudget_bytes = \"2GiB\"\n\n"
+        + &forward_toml(&[&core], &pki, "");
+    let agent = Agent::start(&config, data.path());
+    let publisher = Publisher::connect(&broker, "publisher");
+    agent.wait_subscribed(&publisher);
+    publisher.publish_all(&messages(0, 50, &["cdr/a"]));
+    publisher.wait_all_acked(FORWARD_TIMEOUT);
+    wait_core_holds(&core, &agent, 50);
+    let mut served = served_series(&agent.metrics());
+    served.extend(served_series(&core.try_metrics().expect("core /metrics")));
+
+    let dashboard = std::fs::read_to_string(DASHBOARD).expect("reading the dashboard");
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let exprs: Vec<&str> = parsed["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    assert!(exprs.len() >= 15, "the dashboard queries: {exprs:?}");
+    let alerts = std::fs::read_to_string(ALERTS).expect("reading the alert rules");
+    for (file, text) in [("dashboard", exprs.join("\n")), ("alerts", alerts)] {
+        let names = metric_names_in(&text);
+        assert!(names.len() >= 10, "{file}: {names:?}");
+        for name in names {
+            let coming = COMING.iter().any(|(n, _)| *n == name);
+            assert!(
+                served.contains(&name) || coming,
+                "{file} queries {name}, which neither binary serves:\n{served:#?}"
+            );
+        }
+    }
+    for (name, _) in COMING {
+        assert!(!served.contains(name), "{name} is served now: take it off COMING");
+    }
+}

@@ -219,6 +219,36 @@ fn a_certificate_set_that_does_not_load_is_refused_and_the_old_one_kept() {
     assert!(core.log_text().contains("certificate reload failed"), "{}", core.log_tail());
 }
 
+#[test]
+fn a_core_picks_up_rotated_files_without_a_signal() {
+    let pki = Pki::new();
+    let core_data = tempfile::tempdir().expect("core data dir");
+    let core = Core::started("core-a", &pki, core_data.path());
+    let (server, server_key) =
+        shared::tls::issue_server_cert(&pki.ca_pem, &pki.ca_key_pem, &[CORE_SERVER_NAME.to_owned()], 1).expect("cert");
+    let expiry = shared::tls::pem_not_after(server.as_bytes(), "certificate").expect("expiry") as f64;
+    replace_file(&pki.server_key, &server_key);
+    replace_file(&pki.server_cert, &server);
+    // Checked every 10 s, acted on once two checks agree: within about 20 s.
+    common::wait_for(
+        "the core to load the new files by itself",
+        Duration::from_secs(40),
+        || core.log_tail(),
+        || {
+            let m = core.try_metrics().unwrap_or_default();
+            (metric(&m, "backhaul_core_tls_cert_expiry_timestamp_seconds", "cert=\"server\"") == expiry).then_some(())
+        },
+    );
+    let m = core.try_metrics().unwrap_or_default();
+    assert_eq!(
+        metric(&m, "backhaul_core_tls_reloads_total", "result=\"failed\""),
+        0.0,
+        "no half-rotated set was tried"
+    );
+    let new = shared::tls::pem_serial(server.as_bytes()).expect("serial");
+    assert_eq!(served_serial(&core, &pki), new);
+}
+
 /// Receives notifications on `socket` until `n` of them (in `got` too) hold the line `want`,
 /// within `timeout`.
 fn wait_notifications(socket: &UnixDatagram, want: &str, n: usize, timeout: Duration, got: &mut Vec<String>) {

@@ -4,7 +4,9 @@
 //!
 //! The reload itself is the caller's: it reads all files again and swaps its TLS config, or
 //! keeps the old one if the new set does not load (say, a certificate written before its key).
-//! A failed set is not retried until a file changes again or another SIGHUP comes.
+//! A failed set is not retried until a file changes again or another SIGHUP comes. A change
+//! is acted on once the files have stayed the same for one more check ([`Settle`]), so a
+//! rotation that renames the key and then the certificate is not caught half-way.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -44,6 +46,37 @@ pub fn fingerprint(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64, u64)>> {
         .collect()
 }
 
+/// Decides when changed files have settled: a reload is due when a check sees the files as
+/// the previous check saw them and that differs from what was last loaded. Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settle<F> {
+    loaded: F,
+    last: F,
+}
+
+impl<F: Clone + PartialEq> Settle<F> {
+    /// Starting from what was loaded.
+    pub fn new(loaded: F) -> Self {
+        Settle { last: loaded.clone(), loaded }
+    }
+
+    /// A check saw `now`; whether to reload.
+    pub fn handle_check(&mut self, now: F) -> bool {
+        let due = now == self.last && now != self.loaded;
+        self.last = now;
+        if due {
+            self.loaded = self.last.clone();
+        }
+        due
+    }
+
+    /// A reload happened for another reason (SIGHUP) with the files as `now`.
+    pub fn handle_loaded(&mut self, now: F) {
+        self.last = now.clone();
+        self.loaded = now;
+    }
+}
+
 /// Calls `reload` on every SIGHUP (`hangup`, installed by the caller before it reported ready,
 /// so an early signal cannot kill the process) and whenever `files` change, checked every
 /// `check_every`. Runs until dropped.
@@ -53,7 +86,7 @@ pub async fn drive_reloads(
     check_every: Duration,
     mut reload: impl FnMut(Trigger),
 ) {
-    let mut seen = fingerprint(&files);
+    let mut settle = Settle::new(fingerprint(&files));
     let mut every = tokio::time::interval(check_every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
@@ -66,10 +99,11 @@ pub async fn drive_reloads(
             _ = every.tick() => Trigger::FileChanged,
         };
         let now = fingerprint(&files);
-        if trigger == Trigger::FileChanged && now == seen {
-            continue;
+        match trigger {
+            Trigger::Signal => settle.handle_loaded(now),
+            Trigger::FileChanged if settle.handle_check(now) => {}
+            Trigger::FileChanged => continue,
         }
-        seen = now;
         reload(trigger);
     }
 }
@@ -77,6 +111,21 @@ pub async fn drive_reloads(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_reloads_once_it_has_settled() {
+        let mut s = Settle::new(1);
+        assert!(!s.handle_check(1), "nothing changed");
+        assert!(!s.handle_check(2), "the key was renamed; the certificate may follow");
+        assert!(!s.handle_check(3), "the certificate followed");
+        assert!(s.handle_check(3), "settled: reload");
+        assert!(!s.handle_check(3), "once");
+        s.handle_loaded(4);
+        assert!(!s.handle_check(4), "a SIGHUP loaded it already");
+        assert!(!s.handle_check(5));
+        assert!(!s.handle_check(4), "back to what is loaded: nothing to do");
+        assert!(!s.handle_check(4));
+    }
 
     #[test]
     fn fingerprint_sees_a_rewrite_and_a_missing_file() {

@@ -33,8 +33,16 @@ fn every_edge_agent_config_in_deploy_loads() {
         assert!(names.iter().any(|n| n == want), "{want} not found among {names:?}");
     }
     let (ca, ca_key) = shared::tls::generate_ca("deploy configs CA", 30).expect("CA");
+    let mut variants = Vec::new();
     for path in &paths {
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Some(on) = uncomment_forward(&text) {
+            variants.push((path.clone(), on, true));
+        }
+        variants.push((path.clone(), text, false));
+    }
+    assert!(variants.len() > paths.len(), "the example documents [forward] commented out");
+    for (path, text, forwards) in &variants {
         let mut doc: toml::Table = text.parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let tmp = tempfile::tempdir().expect("temp dir");
         if let Some(forward) = doc.get_mut("forward").and_then(|f| f.as_table_mut()) {
@@ -51,7 +59,21 @@ fn every_edge_agent_config_in_deploy_loads() {
             }
         }
         let config = Config::parse(&toml::to_string(&doc).expect("TOML"), path)
-            .unwrap_or_else(|e| panic!("{} does not load:\n{e}", path.display()));
+            .unwrap_or_else(|e| panic!("{} does not load:\n{e}\n{text}", path.display()));
         assert!(!config.streams.is_empty(), "{}: no streams", path.display());
+        if *forwards {
+            let f = config.forward.as_ref().expect("the uncommented [forward] table");
+            assert_eq!(f.cores.len(), 2, "{}", path.display());
+        }
     }
+}
+
+/// `text` with its commented-out `# [forward]` table (to the end of the file) switched on:
+/// `# key = value` lines lose their `# `; `# # comments` stay comments.
+fn uncomment_forward(text: &str) -> Option<String> {
+    let at = text.find("\n# [forward]\n")? + 1;
+    let (head, tail) = text.split_at(at);
+    let on: Vec<&str> =
+        tail.lines().map(|l| if l.starts_with("# #") { "" } else { l.strip_prefix("# ").unwrap_or(l) }).collect();
+    Some(format!("{head}{}\n", on.join("\n")))
 }

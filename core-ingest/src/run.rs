@@ -74,12 +74,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         incarnation,
     ));
     let mut server_stop = stop_rx.clone();
-    let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx, async move {
+    let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx.clone(), async move {
         let _ = server_stop.changed().await;
     }));
     // Certificate rotation: new connections get the new certificates, open ones keep theirs.
+    // SIGHUP also reads allow_edges again: revocation without a restart.
     let reloads = {
-        let (endpoint, metrics) = (endpoint.clone(), metrics.clone());
+        let (endpoint, metrics, ctx) = (endpoint.clone(), metrics.clone(), ctx.clone());
         let files = vec![cert_files.ca_file.clone(), cert_files.cert_file.clone(), cert_files.key_file.clone()];
         let config = config.clone();
         tokio::spawn(reload::drive_reloads(hangup, files, reload::CERT_CHECK_INTERVAL, move |trigger| {
@@ -93,6 +94,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     metrics.tls_reload_failures.inc();
                     tracing::error!(trigger = trigger.as_str(), error = %format!("{error:#}"), "certificate reload failed: still using the previous certificates");
                 }
+            }
+            if trigger == reload::Trigger::Signal {
+                reload_allow_list(&config.source, &ctx);
             }
         }))
     };
@@ -127,6 +131,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     endpoint.wait_idle().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads `allow_edges` from the config file again and applies it; other keys need a restart.
+/// An unreadable or invalid file changes nothing.
+fn reload_allow_list(path: &std::path::Path, ctx: &ServerContext) {
+    match Config::load(path) {
+        Ok(new) => {
+            let allowed = new.allow_edges.as_ref().map(Vec::len);
+            let revoked = ctx.set_allow(new.allow_edges.map(|v| v.into_iter().collect()));
+            tracing::info!(file = %path.display(), allowed = ?allowed, ?revoked, "allow_edges reloaded (other keys take effect at the next start)");
+        }
+        Err(error) => {
+            tracing::error!(%error, "config reload failed: allow_edges unchanged");
+        }
+    }
 }
 
 /// The QUIC server config from the certificate files (read now), with the transport settings;

@@ -249,6 +249,57 @@ fn a_core_picks_up_rotated_files_without_a_signal() {
     assert_eq!(served_serial(&core, &pki), new);
 }
 
+#[test]
+fn removing_an_edge_from_allow_edges_and_sighup_revokes_it_without_a_restart() {
+    let pki = Pki::new();
+    let core_data = tempfile::tempdir().expect("core data dir");
+    let mut core = Core::new("core-a", &pki, core_data.path());
+    let config = std::fs::read_to_string(&core.config_path).expect("core config");
+    let with_allow =
+        |ids: &str| config.replacen("partitions = 4\n", &format!("partitions = 4\nallow_edges = [{ids}]\n"), 1);
+    std::fs::write(&core.config_path, with_allow(&format!("\"{}\", \"edge-other\"", common::EDGE_ID))).expect("write");
+    core.start();
+    let broker = Mosquitto::start("");
+    let data = tempfile::tempdir().expect("edge data dir");
+    let agent = Agent::start(&(cdr_only(&broker) + &forward_toml(&[&core], &pki, "")), data.path());
+    let publisher = Publisher::connect(&broker, "publisher");
+    agent.wait_subscribed(&publisher);
+    publisher.publish_all(&messages(0, 100, &["cdr/a"]));
+    publisher.wait_all_acked(FORWARD_TIMEOUT);
+    wait_core_holds(&core, &agent, 100);
+
+    // Revoke: the edge's session is closed, its reconnects are refused and counted.
+    std::fs::write(&core.config_path, with_allow("\"edge-other\"")).expect("write");
+    sighup(core.pid());
+    common::wait_for(
+        "the core to refuse the revoked edge",
+        RELOAD_TIMEOUT,
+        || format!("{}\n{}", agent.log_tail(), core.log_tail()),
+        || {
+            let m = core.try_metrics().unwrap_or_default();
+            let edge = agent.try_metrics().unwrap_or_default();
+            (metric(&m, "backhaul_core_refused_total", "reason=\"not_allowed\"") >= 1.0
+                && metric(&m, "backhaul_core_connections", "") == 0.0
+                && metric(&edge, "backhaul_edge_forward_connected", "") == 0.0)
+                .then_some(())
+        },
+    );
+    publisher.publish_all(&messages(100, 100, &["cdr/a"]));
+    publisher.wait_all_acked(FORWARD_TIMEOUT);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        core_held(&core.data_dir, "cdr").values().all(|&held| held == 100),
+        "nothing reaches the core from a revoked edge: {:?}",
+        core_held(&core.data_dir, "cdr")
+    );
+
+    // Allowed again: it reconnects (within its backoff) and sends what it kept.
+    std::fs::write(&core.config_path, with_allow(&format!("\"{}\"", common::EDGE_ID))).expect("write");
+    sighup(core.pid());
+    wait_core_holds(&core, &agent, 200);
+    assert!(core.log_text().contains("allow_edges reloaded"), "{}", core.log_tail());
+}
+
 /// Receives notifications on `socket` until `n` of them (in `got` too) hold the line `want`,
 /// within `timeout`.
 fn wait_notifications(socket: &UnixDatagram, want: &str, n: usize, timeout: Duration, got: &mut Vec<String>) {

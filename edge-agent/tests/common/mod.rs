@@ -834,7 +834,8 @@ pub struct Core {
     pub admin: SocketAddr,
     /// `data_dir`.
     pub data_dir: PathBuf,
-    config_path: PathBuf,
+    /// The config file it runs with (tests may rewrite it and SIGHUP the node).
+    pub config_path: PathBuf,
     log_path: PathBuf,
     /// Extra environment variables for the next [`Core::start`].
     pub env: Vec<(String, String)>,

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use shared::tls::{self, TlsError};
 use thiserror::Error;
 
-use crate::cli::{InitArgs, IssueArgs};
+use crate::cli::{InitArgs, IssueArgs, ServerArgs};
 
 /// Default CA validity: ten years, as replacing a CA means touching every edge.
 pub const CA_DAYS_DEFAULT: u32 = 3650;
@@ -111,7 +111,10 @@ pub fn issue(args: &IssueArgs, out: &mut dyn Write) -> Result<(), CertsError> {
     let ca_pem_path = dir.join("ca.pem");
     let ca_pem = read_text(&ca_pem_path)?;
     let ca_key = read_text(&dir.join("ca.key"))?;
-    let edges = dir.join(EDGES_DIR);
+    let edges = match &args.out {
+        Some(out) => absolute(out)?,
+        None => dir.join(EDGES_DIR),
+    };
     let cert_path = edges.join(format!("{}.pem", args.edge_id));
     let key_path = edges.join(format!("{}.key", args.edge_id));
     refuse_existing(&cert_path)?;
@@ -137,6 +140,33 @@ pub fn issue(args: &IssueArgs, out: &mut dyn Write) -> Result<(), CertsError> {
         writeln!(out, "cert_file = {}", toml_string(&cert_path))?;
         writeln!(out, "key_file = {}", toml_string(&key_path))?;
         writeln!(out, "ca_file = {}", toml_string(&ca_pem_path))
+    })
+}
+
+/// `certs server`: a server certificate signed by the CA of `args.dir`, in `args.out`.
+pub fn server(args: &ServerArgs, out: &mut dyn Write) -> Result<(), CertsError> {
+    let dir = absolute(&args.dir)?;
+    let ca_pem = read_text(&dir.join("ca.pem"))?;
+    let ca_key = read_text(&dir.join("ca.key"))?;
+    let target = absolute(&args.out)?;
+    let (cert_path, key_path) = (target.join("server.pem"), target.join("server.key"));
+    refuse_existing(&cert_path)?;
+    refuse_existing(&key_path)?;
+    let (cert, key) = tls::issue_server_cert(&ca_pem, &ca_key, &args.names, args.days)?;
+
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(io_at(parent))?;
+    }
+    create_private_dir(&target)?;
+    write_new(&key_path, &key, KEY_MODE)?;
+    write_new(&cert_path, &cert, CERT_MODE)?;
+    sync_dir(&target)?;
+
+    let names = args.names.join(", ");
+    report(out, |out| {
+        writeln!(out, "wrote {} (server certificate for {names}, valid {} days)", cert_path.display(), args.days)?;
+        writeln!(out, "wrote {} (server private key, mode 0600)", key_path.display())?;
+        writeln!(out, "To rotate: move the key, then the certificate, over the node's files and reload it (SIGHUP)")
     })
 }
 

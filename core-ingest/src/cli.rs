@@ -105,6 +105,30 @@ pub enum CertsCommand {
     #[command(after_help = "Refuses to overwrite an existing certificate or key. Prints the lines for the \
                             edge's config. Exit status: 0 done, 1 refused or failed, 2 usage error.")]
     Issue(IssueArgs),
+    /// Issue a new server certificate from the CA of DIR, for renewal or another core:
+    /// OUT/server.pem and OUT/server.key.
+    #[command(after_help = "Refuses to overwrite an existing certificate or key. To rotate a core's \
+                            certificate: move both files over the node's (key first) and reload it \
+                            (SIGHUP). Exit status: 0 done, 1 refused or failed, 2 usage error.")]
+    Server(ServerArgs),
+}
+
+/// Arguments of `certs server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The directory `certs init` wrote; the CA is read from it.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Directory to write server.pem and server.key to; created (mode 0700) if missing.
+    #[arg(long, value_name = "OUT")]
+    pub out: PathBuf,
+    /// A DNS name or IP address edges use to reach the core; repeat for several. The first is
+    /// also the certificate's CommonName.
+    #[arg(long = "name", value_name = "HOST", required = true)]
+    pub names: Vec<String>,
+    /// Days the server certificate is valid.
+    #[arg(long, value_name = "N", default_value_t = SERVER_DAYS_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub days: u32,
 }
 
 /// Arguments of `certs init`.
@@ -138,6 +162,10 @@ pub struct IssueArgs {
     /// Days the certificate is valid.
     #[arg(long, value_name = "N", default_value_t = EDGE_DAYS_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
     pub days: u32,
+    /// Directory to write ID.pem and ID.key to instead of DIR/edges (to renew a certificate
+    /// whose files are there already); created (mode 0700) if missing.
+    #[arg(long, value_name = "OUT")]
+    pub out: Option<PathBuf>,
 }
 
 /// A valid producer id that can also name the certificate's files.

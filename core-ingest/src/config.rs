@@ -44,6 +44,9 @@ pub struct Config {
     /// A connection silent this long is closed.
     #[serde(default = "Config::default_idle_timeout")]
     pub idle_timeout: Millis,
+    /// The file this config was read from (not a key): SIGHUP reads `allow_edges` from it again.
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// `[tls]`
@@ -90,6 +93,7 @@ impl Config {
     /// taken relative to the file's directory.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut c: Config = shared::config::parse_toml(text, path)?;
+        c.source = path.to_path_buf();
         let base = path.parent().unwrap_or(Path::new("."));
         for f in [&mut c.tls.ca_file, &mut c.tls.cert_file, &mut c.tls.key_file, &mut c.data_dir] {
             if f.is_relative() {

@@ -31,6 +31,7 @@ pub fn run_command(command: &Command, out: &mut dyn Write) -> Result<(), certs::
     match command {
         Command::Certs(CertsCommand::Init(args)) => certs::init(args, out),
         Command::Certs(CertsCommand::Issue(args)) => certs::issue(args, out),
+        Command::Certs(CertsCommand::Server(args)) => certs::server(args, out),
         Command::Run(_) | Command::Validate(_) | Command::Log(_) => {
             unreachable!("main.rs runs the service and log commands itself")
         }

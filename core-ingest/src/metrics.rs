@@ -2,7 +2,7 @@
 //! refusal reasons are a fixed set; no per-edge series (edges are in the catalog, not here).
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// A monotonic counter.
 #[derive(Debug, Default)]
@@ -133,7 +133,13 @@ pub struct Metrics {
     /// From a batch's earliest event time (at the edge: when MQTT delivered the record) to
     /// the fsync that made it durable here. Across machines it includes their clock offset.
     pub event_to_durable: Histogram,
+    /// Certificate reloads that took effect.
+    pub tls_reloads: Counter,
+    /// Certificate reloads refused (the old certificates stay in use).
+    pub tls_reload_failures: Counter,
     refused: [Counter; 5],
+    /// notAfter (Unix seconds) of the server certificate and of the CA; 0 until loaded.
+    cert_expiry: [AtomicI64; 2],
 }
 
 impl Metrics {
@@ -147,6 +153,12 @@ impl Metrics {
     pub fn refused_count(&self, why: Refused) -> u64 {
         let i = REFUSED.iter().position(|(r, _)| *r == why).expect("every reason is listed");
         self.refused[i].get()
+    }
+
+    /// When the certificates in use expire.
+    pub fn set_cert_expiry(&self, expiry: shared::tls::CertExpiry) {
+        self.cert_expiry[0].store(expiry.cert_not_after, Ordering::Relaxed);
+        self.cert_expiry[1].store(expiry.ca_not_after, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition (format 0.0.4).
@@ -194,6 +206,26 @@ impl Metrics {
         for (i, (_, label)) in REFUSED.iter().enumerate() {
             let _ = writeln!(out, "{name}{{reason=\"{label}\"}} {}", self.refused[i].get());
         }
+        let name = "backhaul_core_tls_cert_expiry_timestamp_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} When the certificate in use expires (Unix time; earliest of its file), by certificate.\n\
+             # TYPE {name} gauge"
+        );
+        for (i, label) in ["server", "ca"].iter().enumerate() {
+            let t = self.cert_expiry[i].load(Ordering::Relaxed);
+            if t != 0 {
+                let _ = writeln!(out, "{name}{{cert=\"{label}\"}} {t}");
+            }
+        }
+        let name = "backhaul_core_tls_reloads_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Certificate reloads (SIGHUP or file change), by result; failed ones keep the old certificates.\n\
+             # TYPE {name} counter\n{name}{{result=\"ok\"}} {}\n{name}{{result=\"failed\"}} {}",
+            self.tls_reloads.get(),
+            self.tls_reload_failures.get()
+        );
         out
     }
 }
@@ -215,6 +247,13 @@ mod tests {
         assert!(text.contains("backhaul_core_event_to_durable_seconds_bucket{le=\"0.002\"} 2\n"), "{text}");
         assert!(text.contains("backhaul_core_event_to_durable_seconds_count 2\n"), "{text}");
         assert!(text.contains("backhaul_core_refused_total{reason=\"not_allowed\"} 1\n"));
+        assert!(!text.contains("backhaul_core_tls_cert_expiry_timestamp_seconds{"), "no series before a load");
+        m.set_cert_expiry(shared::tls::CertExpiry { cert_not_after: 1_900_000_000, ca_not_after: 2_000_000_000 });
+        m.tls_reload_failures.inc();
+        let text = m.render();
+        assert!(text.contains("backhaul_core_tls_cert_expiry_timestamp_seconds{cert=\"server\"} 1900000000\n"));
+        assert!(text.contains("backhaul_core_tls_cert_expiry_timestamp_seconds{cert=\"ca\"} 2000000000\n"));
+        assert!(text.contains("backhaul_core_tls_reloads_total{result=\"failed\"} 1\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();
             value.parse::<f64>().unwrap();

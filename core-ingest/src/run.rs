@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use shared::admin::{self, AdminState, Health};
-use shared::tls;
+use shared::{reload, systemd, tls};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -19,6 +20,8 @@ use crate::store::{Store, StoreConfig};
 const STORE_QUEUE_LEN: usize = 1024;
 /// Most QUIC streams an edge may open: a control stream and two lanes per log stream.
 const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// How long the watchdog waits for the store thread to answer before it skips a ping.
+const WATCHDOG_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -37,21 +40,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let store = Store::open(store_config, metrics.clone()).context("opening the stream logs")?;
     let (store, store_thread) = store.spawn(STORE_QUEUE_LEN).context("starting the store")?;
 
-    let read = |p: &std::path::Path| tls::load_pem_file(p).map_err(anyhow::Error::from);
-    let server_tls = tls::server_config(
-        &read(&config.tls.ca_file)?,
-        &read(&config.tls.cert_file)?,
-        &read(&config.tls.key_file)?,
-        tls::ALPN_ACCEPTED,
-    )?;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).context("TLS config for QUIC")?;
-    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server_config.transport_config(shared::quic::transport(
-        config.keep_alive.duration(),
-        config.idle_timeout.duration(),
-        shared::quic::Congestion::Cubic,
-        STREAMS_PER_CONNECTION_MAX,
-    ));
+    // Installed before anything else can take a while: SIGHUP's default action is to exit.
+    let hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let cert_files = tls::CertFiles {
+        ca_file: config.tls.ca_file.clone(),
+        cert_file: config.tls.cert_file.clone(),
+        key_file: config.tls.key_file.clone(),
+    };
+    let server_config = quic_server_config(&config, &cert_files, &metrics)?;
     let socket = udp_socket(config.listen, config.udp_buffer_bytes.0 as usize)
         .with_context(|| format!("listen {}", config.listen))?;
     let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
@@ -78,15 +74,54 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         incarnation,
     ));
     let mut server_stop = stop_rx.clone();
-    let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx, async move {
+    let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx.clone(), async move {
         let _ = server_stop.changed().await;
     }));
+    // Certificate rotation: new connections get the new certificates, open ones keep theirs.
+    // SIGHUP also reads allow_edges again: revocation without a restart.
+    let reloads = {
+        let (endpoint, metrics, ctx) = (endpoint.clone(), metrics.clone(), ctx.clone());
+        let files = vec![cert_files.ca_file.clone(), cert_files.cert_file.clone(), cert_files.key_file.clone()];
+        let config = config.clone();
+        tokio::spawn(reload::drive_reloads(hangup, files, reload::CERT_CHECK_INTERVAL, move |trigger| {
+            match quic_server_config(&config, &cert_files, &metrics) {
+                Ok(server_config) => {
+                    endpoint.set_server_config(Some(server_config));
+                    metrics.tls_reloads.inc();
+                    tracing::info!(trigger = trigger.as_str(), "certificates reloaded: new connections use them");
+                }
+                Err(error) => {
+                    metrics.tls_reload_failures.inc();
+                    tracing::error!(trigger = trigger.as_str(), error = %format!("{error:#}"), "certificate reload failed: still using the previous certificates");
+                }
+            }
+            if trigger == reload::Trigger::Signal {
+                reload_allow_list(&config.source, &ctx);
+            }
+        }))
+    };
+    // The watchdog is pinged only while the store's writer thread answers.
+    let watchdog = {
+        let store = store.clone();
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(systemd::drive_watchdog(move || {
+            let (store, answered) = (store.clone(), answered.clone());
+            async move {
+                let probe = tokio::time::timeout(WATCHDOG_PROBE_TIMEOUT, store.held(Vec::new())).await;
+                matches!(probe, Ok(Ok(_))).then(|| answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+            }
+        }))
+    };
     tracing::info!(node = %config.node, incarnation = %format!("{incarnation:016x}"), listen = %endpoint.local_addr()?, data_dir = %config.data_dir.display(), "core-ingest ready");
     health.set_live(true);
     health.set_ready();
+    systemd::notify_env("READY=1\nSTATUS=accepting edges");
 
     shutdown.await;
     tracing::info!("shutting down");
+    systemd::notify_env("STOPPING=1\nSTATUS=syncing and stopping");
+    reloads.abort();
+    watchdog.abort();
     health.set_not_ready("shutting down");
     let _ = stop_tx.send(true);
     let _ = server_task.await;
@@ -96,6 +131,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     endpoint.wait_idle().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads `allow_edges` from the config file again and applies it; other keys need a restart.
+/// An unreadable or invalid file changes nothing.
+fn reload_allow_list(path: &std::path::Path, ctx: &ServerContext) {
+    match Config::load(path) {
+        Ok(new) => {
+            let allowed = new.allow_edges.as_ref().map(Vec::len);
+            let revoked = ctx.set_allow(new.allow_edges.map(|v| v.into_iter().collect()));
+            tracing::info!(file = %path.display(), allowed = ?allowed, ?revoked, "allow_edges reloaded (other keys take effect at the next start)");
+        }
+        Err(error) => {
+            tracing::error!(%error, "config reload failed: allow_edges unchanged");
+        }
+    }
+}
+
+/// The QUIC server config from the certificate files (read now), with the transport settings;
+/// records when the certificates expire.
+fn quic_server_config(
+    config: &Config,
+    files: &tls::CertFiles,
+    metrics: &Metrics,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let (server_tls, expiry) = files.server_config(tls::ALPN_ACCEPTED)?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).context("TLS config for QUIC")?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server_config.transport_config(shared::quic::transport(
+        config.keep_alive.duration(),
+        config.idle_timeout.duration(),
+        shared::quic::Congestion::Cubic,
+        STREAMS_PER_CONNECTION_MAX,
+    ));
+    metrics.set_cert_expiry(expiry);
+    Ok(server_config)
 }
 
 impl shared::admin::RenderMetrics for Metrics {

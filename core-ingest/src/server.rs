@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::BytesMut;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -30,8 +30,8 @@ pub struct ServerContext {
     pub store: StoreHandle,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// Edge ids allowed; `None`: any.
-    pub allow: Option<HashSet<String>>,
+    /// Edge ids allowed; `None`: any. Swapped by [`ServerContext::set_allow`].
+    allow: RwLock<Option<HashSet<String>>>,
     /// Most connections.
     pub connections_max: u64,
     /// This node.
@@ -57,7 +57,7 @@ impl ServerContext {
         ServerContext {
             store,
             metrics,
-            allow,
+            allow: RwLock::new(allow),
             connections_max,
             node,
             incarnation,
@@ -65,6 +65,27 @@ impl ServerContext {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
         }
+    }
+}
+
+impl ServerContext {
+    /// Whether `edge` may connect now.
+    pub fn is_allowed(&self, edge: &str) -> bool {
+        self.allow.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|a| a.contains(edge))
+    }
+
+    /// Replaces the allow-list (revocation without a restart) and closes the sessions of the
+    /// edges it no longer allows; returns their ids.
+    pub fn set_allow(&self, allow: Option<HashSet<String>>) -> Vec<String> {
+        *self.allow.write().unwrap_or_else(|p| p.into_inner()) = allow;
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let revoked: Vec<String> = sessions.keys().filter(|e| !self.is_allowed(e)).cloned().collect();
+        for edge in &revoked {
+            if let Some((_, conn)) = sessions.remove(edge) {
+                close(&conn, ErrorCode::NotAllowed, "edge no longer allowed");
+            }
+        }
+        revoked
     }
 }
 
@@ -107,7 +128,7 @@ async fn handle_incoming(incoming: quinn::Incoming, ctx: Arc<ServerContext>) {
             return;
         }
     };
-    if ctx.allow.as_ref().is_some_and(|a| !a.contains(&edge)) {
+    if !ctx.is_allowed(&edge) {
         ctx.metrics.refused(Refused::NotAllowed);
         tracing::warn!(%remote, %edge, "connection refused: edge not in allow_edges");
         close(&conn, ErrorCode::NotAllowed, "edge not allowed");
@@ -142,6 +163,14 @@ fn edge_of(conn: &Connection) -> Result<String, String> {
     shared::tls::peer_edge_id(first.as_ref()).map_err(|e| e.to_string())
 }
 
+/// The serial of the peer's certificate (which one an edge presents, e.g. after a rotation).
+fn peer_serial(conn: &Connection) -> String {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| shared::tls::cert_serial(certs.first()?.as_ref()).ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn close(conn: &Connection, code: ErrorCode, message: &str) {
     conn.close(VarInt::from(code as u16), message.as_bytes());
 }
@@ -162,11 +191,15 @@ async fn run_session(conn: &Connection, edge: &str, id: u64, ctx: &Arc<ServerCon
         streams: keys.iter().zip(held).map(|(k, h)| StreamHeld { name: k.stream.clone(), held: h }).collect(),
     };
     write_frame(&mut ctl_send, &welcome).await?;
-    tracing::info!(%edge, epoch = %format!("{epoch:016x}"), streams = streams.len(), remote = %conn.remote_address(), "edge session started");
+    tracing::info!(%edge, epoch = %format!("{epoch:016x}"), streams = streams.len(), remote = %conn.remote_address(), cert_serial = %peer_serial(conn), "edge session started");
     // A newer session of the same edge supersedes the older one.
     let older = ctx.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(edge.to_owned(), (id, conn.clone()));
     if let Some((_, old)) = older {
         close(&old, ErrorCode::Superseded, "a newer session of this edge took over");
+    }
+    // The allow-list may have changed since the handshake was checked.
+    if !ctx.is_allowed(edge) {
+        return Err(refusal(ErrorCode::NotAllowed, "edge no longer allowed"));
     }
     let session = Arc::new(session);
     // The control stream stays open; later frames (DICT) are read and, for now, only checked.

@@ -138,6 +138,46 @@ fn written_certs_complete_a_tls_handshake() {
     assert_eq!(tls::peer_edge_id(&certs[0]).unwrap(), EDGE);
 }
 
+#[test]
+fn server_and_issue_out_renew_from_the_same_ca_and_refuse_to_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    init_and_issue(tmp.path());
+    let renew = tmp.path().join("renew");
+    let (d, r) = (tmp.path().to_str().unwrap(), renew.to_str().unwrap());
+    let o = run(&["certs", "server", "--dir", d, "--out", r, "--name", "localhost", "--days", "20"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = run(&["certs", "issue", "--dir", d, "--edge-id", EDGE, "--days", "10", "--out", r]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!((mode(&renew.join("server.key")), mode(&renew.join(format!("{EDGE}.key")))), (0o600, 0o600));
+    for (old, new) in [
+        (tmp.path().join("server.pem"), renew.join("server.pem")),
+        (tmp.path().join(format!("edges/{EDGE}.pem")), renew.join(format!("{EDGE}.pem"))),
+    ] {
+        assert_ne!(tls::pem_serial(&read(&old)).unwrap(), tls::pem_serial(&read(&new)).unwrap(), "{}", new.display());
+    }
+    // The renewed pair works with the CA everyone already trusts.
+    let ca = read(&tmp.path().join("ca.pem"));
+    let server =
+        tls::server_config(&ca, &read(&renew.join("server.pem")), &read(&renew.join("server.key")), ALPN_ACCEPTED)
+            .unwrap();
+    let edge_pem = renew.join(format!("{EDGE}.pem"));
+    let client =
+        tls::client_config(&ca, &read(&edge_pem), &read(&renew.join(format!("{EDGE}.key"))), &[ALPN_V1]).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut c = Connection::from(ClientConnection::new(Arc::new(client), name).unwrap());
+    let mut s = Connection::from(ServerConnection::new(Arc::new(server)).unwrap());
+    for _ in 0..HANDSHAKE_ROUNDS_MAX {
+        transfer(&mut c, &mut s);
+        transfer(&mut s, &mut c);
+    }
+    assert!(!c.is_handshaking() && !s.is_handshaking(), "handshake did not finish");
+    assert_eq!(tls::peer_edge_id(&s.peer_certificates().unwrap()[0]).unwrap(), EDGE);
+    // Nothing is overwritten.
+    let o = run(&["certs", "server", "--dir", d, "--out", r, "--name", "localhost"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("already exists"), "{}", text(&o.stderr));
+}
+
 fn transfer(from: &mut Connection, to: &mut Connection) {
     let mut buf = Vec::new();
     while from.wants_write() {

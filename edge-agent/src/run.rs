@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -21,6 +22,8 @@ use crate::ingest::driver::{ConnParams, drive_connection};
 use crate::metrics::Metrics;
 use crate::writer::{ConnInfo, Input, Writer};
 use shared::admin::{self, AdminState, Health};
+use shared::{reload, systemd};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Messages waiting for the writer; bounds memory when the disk is slower than the broker.
 const WRITER_QUEUE_LEN: usize = 4096;
@@ -35,6 +38,8 @@ const WRITER_NAP: Duration = Duration::from_micros(200);
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // One crypto provider everywhere (DESIGN §9); an error only means one is installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Installed first: SIGHUP's default action is to exit.
+    let hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let epoch = shared::identity::open_or_create(&config.data_dir, "backhaul-edge")
         .map(shared::ids::Epoch)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
@@ -59,7 +64,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (stop_tx, stop_rx) = watch::channel(false);
     let forward_metrics = Arc::new(ForwardMetrics::default());
     let admin_state = AdminState {
-        metrics: Arc::new(AgentMetrics { agent: metrics.clone(), forward: forward_metrics.clone() }),
+        metrics: Arc::new(AgentMetrics {
+            agent: metrics.clone(),
+            forward: forward_metrics.clone(),
+            budgets: budget_metrics(&config),
+        }),
         health: health.clone(),
     };
     let mut admin_stop = stop_rx.clone();
@@ -89,6 +98,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         conn_tasks.push(tokio::spawn(drive_connection(params)));
     }
 
+    // Certificate rotation (SIGHUP, or the files changed): the forwarder reloads them.
+    let (reload_tx, reload_rx) = watch::channel(0u64);
+    let cert_files = config
+        .forward
+        .as_ref()
+        .map_or_else(Vec::new, |f| vec![f.ca_file.clone(), f.cert_file.clone(), f.key_file.clone()]);
+    let reloads =
+        tokio::spawn(reload::drive_reloads(hangup, cert_files, reload::CERT_CHECK_INTERVAL, move |trigger| {
+            tracing::info!(trigger = trigger.as_str(), "reloading certificates");
+            reload_tx.send_modify(|n| *n += 1);
+        }));
     let forwarder = match &config.forward {
         None => None,
         Some(fc) => {
@@ -116,6 +136,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 metrics: forward_metrics.clone(),
                 cursors,
                 shutdown: stop_rx.clone(),
+                reload: reload_rx.clone(),
             };
             Some(tokio::spawn(async move {
                 if let Err(e) = drive_forwarder(params).await {
@@ -138,10 +159,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         }
     });
+    // The writer counts its rounds; the watchdog is pinged only while the count moves (the
+    // ticker wakes the writer at least every 50 ms).
+    let writer_rounds = Arc::new(AtomicU64::new(0));
+    let rounds = writer_rounds.clone();
     let writer_thread = std::thread::Builder::new()
         .name("writer".into())
-        .spawn(move || writer_loop(writer, in_rx, ack_txs, clock))
+        .spawn(move || writer_loop(writer, in_rx, ack_txs, clock, &rounds))
         .context("starting the writer thread")?;
+    let watchdog = tokio::spawn(systemd::drive_watchdog(move || {
+        let rounds = writer_rounds.load(Relaxed);
+        async move { Some(rounds) }
+    }));
 
     health.set_live(true);
     let ready_health = health.clone();
@@ -158,9 +187,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     });
 
+    systemd::notify_env("READY=1\nSTATUS=logs open, ingesting");
+
     shutdown.await;
     tracing::info!("shutting down: flushing, syncing, acknowledging");
+    systemd::notify_env("STOPPING=1\nSTATUS=flushing, syncing, acknowledging");
     health.set_not_ready("shutting down");
+    reloads.abort();
+    watchdog.abort();
     readiness.abort();
     ticker.abort();
     // The writer stops after its last acks; the connections then send them and DISCONNECT.
@@ -191,8 +225,10 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Input>,
     acks: Vec<mpsc::UnboundedSender<(u16, u64)>>,
     clock: Instant,
+    rounds: &AtomicU64,
 ) {
     while let Some(first) = rx.blocking_recv() {
+        rounds.fetch_add(1, Relaxed);
         let mut stop = writer.handle_input(first);
         let mut taken = 1;
         while !stop && taken < WRITER_DRAIN_MAX {
@@ -229,17 +265,40 @@ fn wall_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What `/metrics` serves: the agent's metrics and the forwarder's.
+/// What `/metrics` serves: the agent's metrics, the forwarder's, and the disk budgets.
 #[derive(Debug)]
 struct AgentMetrics {
     agent: Arc<Metrics>,
     forward: Arc<ForwardMetrics>,
+    budgets: String,
 }
 
 impl shared::admin::RenderMetrics for AgentMetrics {
     fn render(&self) -> String {
         let mut text = self.agent.render();
         text.push_str(&self.forward.render());
+        text.push_str(&self.budgets);
         text
     }
+}
+
+/// The disk budgets from the config, as gauges, so `backhaul_edge_log_bytes` can be compared
+/// with them (the 80 % alert): per stream that has one, and the total (`disk.budget_bytes`).
+fn budget_metrics(config: &Config) -> String {
+    let mut out = String::new();
+    let name = "backhaul_edge_disk_budget_bytes";
+    out.push_str(&format!("# HELP {name} The stream's disk budget (disk_budget_bytes).\n# TYPE {name} gauge\n"));
+    for (stream, s) in &config.streams {
+        if let Some(b) = s.disk_budget_bytes {
+            out.push_str(&format!("{name}{{stream=\"{stream}\"}} {}\n", b.0));
+        }
+    }
+    let name = "backhaul_edge_disk_total_budget_bytes";
+    if let Some(b) = config.disk.budget_bytes {
+        out.push_str(&format!(
+            "# HELP {name} The agent's total disk budget (disk.budget_bytes).\n# TYPE {name} gauge\n"
+        ));
+        out.push_str(&format!("{name} {}\n", b.0));
+    }
+    out
 }

@@ -2,6 +2,9 @@
 //!
 //! - [`identity`]: a data directory's random id (edge epoch, core incarnation).
 //! - `admin` (feature `admin`): the admin HTTP endpoint both binaries serve.
+//! - `reload` (feature `admin`): when to reload certificates (SIGHUP, or the files changed).
+//! - `systemd` (feature `admin`): `sd_notify` (READY, WATCHDOG from the main loop's progress,
+//!   STOPPING) for `Type=notify` units.
 //! - [`ids`]: newtypes for offsets, seqs and epochs.
 //! - [`batch`]: the record model and the batch codec — the one format from edge disk through
 //!   the wire to the bucket.
@@ -30,7 +33,11 @@ pub mod ndjson;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod ranges;
+#[cfg(feature = "admin")]
+pub mod reload;
 pub mod synth;
+#[cfg(feature = "admin")]
+pub mod systemd;
 pub mod tls;
 pub mod units;
 pub mod wire;

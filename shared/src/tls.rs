@@ -163,6 +163,85 @@ pub fn client_config(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8], alpn: &[&[u
     Ok(config)
 }
 
+/// The three PEM files of one side of the link. They are read together, so a reload after a
+/// rotation (SIGHUP) builds its config from one consistent set, or fails and keeps the old one.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    /// CA certificate(s) the peer's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// This side's certificate, leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+}
+
+/// When the certificates just loaded expire (Unix seconds; for a file of several
+/// certificates, the earliest): exported as metrics so an alert fires before they do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertExpiry {
+    /// This side's certificate (or its chain).
+    pub cert_not_after: i64,
+    /// The CA file.
+    pub ca_not_after: i64,
+}
+
+impl CertFiles {
+    /// [`server_config`] from the files, and when they expire.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<(ServerConfig, CertExpiry), TlsError> {
+        let (ca, cert, key, expiry) = self.read()?;
+        Ok((server_config(&ca, &cert, &key, alpn)?, expiry))
+    }
+
+    /// [`client_config`] from the files, and when they expire.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<(ClientConfig, CertExpiry), TlsError> {
+        let (ca, cert, key, expiry) = self.read()?;
+        Ok((client_config(&ca, &cert, &key, alpn)?, expiry))
+    }
+
+    /// The certificate file's PEM text.
+    pub fn cert_pem(&self) -> Result<Vec<u8>, TlsError> {
+        load_pem_file(&self.cert_file)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn read(&self) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>, CertExpiry), TlsError> {
+        let ca = load_pem_file(&self.ca_file)?;
+        let cert = load_pem_file(&self.cert_file)?;
+        let key = load_pem_file(&self.key_file)?;
+        let expiry = CertExpiry {
+            cert_not_after: pem_not_after(&cert, "certificate")?,
+            ca_not_after: pem_not_after(&ca, "CA certificate")?,
+        };
+        Ok((ca, cert, key, expiry))
+    }
+}
+
+/// The earliest notAfter (Unix seconds) of the certificates in `pem`: when the first of them
+/// stops being valid. `input` names the PEM in errors.
+pub fn pem_not_after(pem: &[u8], input: &'static str) -> Result<i64, TlsError> {
+    let mut earliest = i64::MAX;
+    for der in certs(pem, input)? {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| TlsError::Pem { input, reason: format!("not an X.509 certificate: {e}") })?;
+        earliest = earliest.min(cert.validity().not_after.timestamp());
+    }
+    Ok(earliest)
+}
+
+/// The serial number of a certificate (DER) in lower-case hex, as the core logs it for each
+/// session, so an operator can tell which certificate an edge presented.
+pub fn cert_serial(der: &[u8]) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::PeerCertificate { reason: format!("not an X.509 certificate: {e}") })?;
+    Ok(cert.tbs_certificate.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// [`cert_serial`] of the first certificate of a PEM text.
+pub fn pem_serial(pem: &[u8]) -> Result<String, TlsError> {
+    let first = certs(pem, "certificate")?.into_iter().next().expect("certs returns at least one");
+    cert_serial(first.as_ref())
+}
+
 /// The edge id in a verified client certificate (DER): its subject CommonName. Refuses a
 /// certificate without exactly one CommonName, or whose CommonName is not a valid edge id
 /// ([`check_edge_id`]). Call it only on a certificate rustls has verified.
@@ -413,6 +492,7 @@ fn cut(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::time::Duration;
 
     use proptest::prelude::*;
@@ -654,6 +734,40 @@ mod tests {
         assert!(matches!(load_pem_file(&big), Err(TlsError::FileTooLarge { .. })));
         std::fs::write(&big, b"pem").unwrap();
         assert_eq!(load_pem_file(&big).unwrap(), b"pem");
+    }
+
+    #[test]
+    fn expiry_and_serial_are_read_from_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, ca_key) = generate_ca("expiry CA", 30).unwrap();
+        let (edge_a, key_a) = issue_edge_cert(&ca, &ca_key, "edge-1", 3).unwrap();
+        let (edge_b, _) = issue_edge_cert(&ca, &ca_key, "edge-1", 10).unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let days = |t: i64| (t - now + 43_200) / 86_400;
+        assert_eq!(days(pem_not_after(edge_a.as_bytes(), "certificate").unwrap()), 3);
+        assert_eq!(days(pem_not_after(ca.as_bytes(), "CA certificate").unwrap()), 30);
+        // A file of several certificates expires with the first of them.
+        let both = format!("{edge_b}{edge_a}");
+        assert_eq!(days(pem_not_after(both.as_bytes(), "certificate").unwrap()), 3);
+        let (sa, sb) = (pem_serial(edge_a.as_bytes()).unwrap(), pem_serial(edge_b.as_bytes()).unwrap());
+        assert_ne!(sa, sb, "each certificate has its own serial");
+        assert!(sa.chars().all(|c| c.is_ascii_hexdigit()) && !sa.is_empty(), "{sa}");
+        let write = |name: &str, pem: &str| {
+            let p = dir.path().join(name);
+            fs::write(&p, pem).unwrap();
+            p
+        };
+        let files = CertFiles {
+            ca_file: write("ca.pem", &ca),
+            cert_file: write("edge.pem", &edge_a),
+            key_file: write("edge.key", &key_a),
+        };
+        let (_, expiry) = files.client_config(&[ALPN_V1]).unwrap();
+        assert_eq!((days(expiry.cert_not_after), days(expiry.ca_not_after)), (3, 30));
+        // A key that does not match the certificate is refused as a whole.
+        fs::write(&files.cert_file, &edge_b).unwrap();
+        assert!(matches!(files.client_config(&[ALPN_V1]), Err(TlsError::Rustls { .. })));
+        assert!(matches!(pem_not_after(b"junk", "certificate"), Err(TlsError::Pem { input: "certificate", .. })));
     }
 
     #[test]

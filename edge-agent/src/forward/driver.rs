@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -66,9 +66,26 @@ pub struct ForwardMetrics {
     bytes_sent: AtomicU64,
     batches_acked: AtomicU64,
     gaps_synthesized: AtomicU64,
+    tls_reloads: AtomicU64,
+    tls_reload_failures: AtomicU64,
+    /// notAfter (Unix seconds) of the client certificate and of the CA; 0 until loaded.
+    cert_expiry: [AtomicI64; 2],
+    /// Per forwarded stream, the seq below which a core acknowledged everything (this epoch).
+    acked_offset: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl ForwardMetrics {
+    /// Records that a core acknowledged `stream` below `offset`.
+    pub fn set_acked_offset(&self, stream: &str, offset: u64) {
+        let mut acked = self.acked_offset.lock().unwrap_or_else(|e| e.into_inner());
+        match acked.get_mut(stream) {
+            Some(v) => *v = offset,
+            None => {
+                acked.insert(stream.to_owned(), offset);
+            }
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let families = [
@@ -104,6 +121,32 @@ impl ForwardMetrics {
         for (name, kind, help, v) in families {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n", v.load(Relaxed)));
         }
+        let name = "backhaul_edge_forward_acked_offset";
+        out.push_str(&format!(
+            "# HELP {name} Seq below which a core acknowledged the stream durable; \
+             backhaul_edge_log_committed_offset minus this is the backlog in records.\n# TYPE {name} gauge\n"
+        ));
+        for (stream, offset) in self.acked_offset.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            out.push_str(&format!("{name}{{stream=\"{stream}\"}} {offset}\n"));
+        }
+        let name = "backhaul_edge_tls_cert_expiry_timestamp_seconds";
+        out.push_str(&format!(
+            "# HELP {name} When the certificate in use expires (Unix time; earliest of its file), by certificate.\n\
+             # TYPE {name} gauge\n"
+        ));
+        for (i, label) in ["client", "ca"].iter().enumerate() {
+            let t = self.cert_expiry[i].load(Relaxed);
+            if t != 0 {
+                out.push_str(&format!("{name}{{cert=\"{label}\"}} {t}\n"));
+            }
+        }
+        let name = "backhaul_edge_tls_reloads_total";
+        out.push_str(&format!(
+            "# HELP {name} Certificate reloads (SIGHUP or file change), by result; failed ones keep the old certificates.\n\
+             # TYPE {name} counter\n{name}{{result=\"ok\"}} {}\n{name}{{result=\"failed\"}} {}\n",
+            self.tls_reloads.load(Relaxed),
+            self.tls_reload_failures.load(Relaxed)
+        ));
         out
     }
 }
@@ -127,6 +170,8 @@ pub struct ForwardParams {
     pub cursors: Cursors,
     /// Becomes true at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// Changes when the certificates are to be reloaded (SIGHUP, or their files changed).
+    pub reload: watch::Receiver<u64>,
 }
 
 /// Why a connection ended.
@@ -138,7 +183,16 @@ enum Ended {
 
 /// Runs the forwarder until shutdown.
 pub async fn drive_forwarder(mut p: ForwardParams) -> anyhow::Result<()> {
-    let endpoint = client_endpoint(&p.config)?;
+    let endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    // The config each new connection uses; a certificate reload swaps it.
+    let client = Arc::new(std::sync::Mutex::new(quic_client_config(&p.config, &p.edge_id, &p.metrics)?));
+    let reloader = tokio::spawn(drive_cert_reloads(
+        client.clone(),
+        p.config.clone(),
+        p.edge_id.clone(),
+        p.metrics.clone(),
+        p.reload.clone(),
+    ));
     let order = pick::preference(&p.edge_id, &p.config.cores);
     release_from_cursors(&p);
     let mut at = 0usize; // index into `order`
@@ -149,7 +203,8 @@ pub async fn drive_forwarder(mut p: ForwardParams) -> anyhow::Result<()> {
         }
         let node = p.config.cores[order[at]].clone();
         let hold_down = (at != 0).then(|| p.config.failover_hold_down.duration());
-        match connect(&endpoint, &node, &p.config).await {
+        let current = client.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match connect(&endpoint, current, &node, &p.config).await {
             Ok(conn) => {
                 attempt = 0;
                 p.metrics.connects.fetch_add(1, Relaxed);
@@ -188,18 +243,53 @@ pub async fn drive_forwarder(mut p: ForwardParams) -> anyhow::Result<()> {
             _ = p.shutdown.changed() => break,
         }
     }
+    reloader.abort();
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
 }
 
-fn client_endpoint(c: &ForwardConfig) -> anyhow::Result<Endpoint> {
-    let read = |p: &std::path::Path| shared::tls::load_pem_file(p).map_err(anyhow::Error::from);
-    let tls = shared::tls::client_config(
-        &read(&c.ca_file)?,
-        &read(&c.cert_file)?,
-        &read(&c.key_file)?,
-        &[shared::tls::ALPN_V1],
-    )?;
+/// Certificate rotation: on each change of `reload`, reads the files again and makes them the
+/// config of the next connection, which then presents the new certificate; the open one keeps
+/// its session (no reconnect). A set that does not load is refused and the old one kept.
+async fn drive_cert_reloads(
+    client: Arc<std::sync::Mutex<quinn::ClientConfig>>,
+    config: ForwardConfig,
+    edge_id: String,
+    metrics: Arc<ForwardMetrics>,
+    mut reload: watch::Receiver<u64>,
+) {
+    while reload.changed().await.is_ok() {
+        match quic_client_config(&config, &edge_id, &metrics) {
+            Ok(config) => {
+                *client.lock().unwrap_or_else(|e| e.into_inner()) = config;
+                metrics.tls_reloads.fetch_add(1, Relaxed);
+                tracing::info!("certificates reloaded: the next connection to a core uses them");
+            }
+            Err(error) => {
+                metrics.tls_reload_failures.fetch_add(1, Relaxed);
+                tracing::error!(error = %format!("{error:#}"), "certificate reload failed: still using the previous certificates");
+            }
+        }
+    }
+}
+
+/// The QUIC client config from the certificate files (read now); refuses a certificate that
+/// names another edge; records when the certificates expire.
+fn quic_client_config(
+    c: &ForwardConfig,
+    edge_id: &str,
+    metrics: &ForwardMetrics,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let files = shared::tls::CertFiles {
+        ca_file: c.ca_file.clone(),
+        cert_file: c.cert_file.clone(),
+        key_file: c.key_file.clone(),
+    };
+    let named = shared::tls::cert_pem_edge_id(&files.cert_pem()?)?;
+    if named != edge_id {
+        anyhow::bail!("{}: the certificate is for edge {named:?}, not {edge_id:?}", c.cert_file.display());
+    }
+    let (tls, expiry) = files.client_config(&[shared::tls::ALPN_V1])?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     let congestion = match c.congestion {
@@ -212,19 +302,24 @@ fn client_endpoint(c: &ForwardConfig) -> anyhow::Result<Endpoint> {
         congestion,
         STREAMS_MAX,
     ));
-    let mut endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    metrics.cert_expiry[0].store(expiry.cert_not_after, Relaxed);
+    metrics.cert_expiry[1].store(expiry.ca_not_after, Relaxed);
+    Ok(client)
 }
 
-async fn connect(endpoint: &Endpoint, node: &str, c: &ForwardConfig) -> anyhow::Result<Connection> {
+async fn connect(
+    endpoint: &Endpoint,
+    client: quinn::ClientConfig,
+    node: &str,
+    c: &ForwardConfig,
+) -> anyhow::Result<Connection> {
     let (host, port) = split_host_port(node).map_err(anyhow::Error::msg)?;
     let addr = tokio::net::lookup_host((host.as_str(), port))
         .await?
         .next()
         .ok_or_else(|| anyhow::anyhow!("{node}: no address"))?;
     let name = c.server_name.clone().unwrap_or(host);
-    let connecting = endpoint.connect(addr, &name)?;
+    let connecting = endpoint.connect_with(client, addr, &name)?;
     Ok(tokio::time::timeout(Duration::from_secs(10), connecting)
         .await
         .map_err(|_| anyhow::anyhow!("handshake timed out"))??)
@@ -237,6 +332,13 @@ fn backoff(attempt: u32, c: &ForwardConfig) -> Duration {
 
 /// At start, release what the cursors say a core acknowledged (same epoch only).
 fn release_from_cursors(p: &ForwardParams) {
+    for s in &p.streams {
+        let acked = match p.cursors.get(&s.name) {
+            Ok(Some(c)) if c.epoch == p.epoch.0 => c.acked_through,
+            _ => 0,
+        };
+        p.metrics.set_acked_offset(&s.name, acked);
+    }
     for s in p.streams.iter().filter(|s| s.release_on == ReleaseOn::Durable) {
         if let Ok(Some(c)) = p.cursors.get(&s.name)
             && c.epoch == p.epoch.0
@@ -406,6 +508,7 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
                     p.metrics.batches_acked.fetch_add(1, Relaxed);
                     let t = session.stream(i).acked_through();
                     through.insert(i, t);
+                    p.metrics.set_acked_offset(&p.streams[i].name, t);
                     if p.streams[i].release_on == ReleaseOn::Durable {
                         let mut log = lock(&p.streams[i].log);
                         log.release_below(Offset(t));

@@ -766,6 +766,10 @@ pub struct Pki {
     pub edge_cert: PathBuf,
     /// Its key.
     pub edge_key: PathBuf,
+    /// The CA certificate and key (PEM), to issue more certificates (rotation tests).
+    pub ca_pem: String,
+    /// The CA's private key (PEM).
+    pub ca_key_pem: String,
 }
 
 impl Pki {
@@ -787,6 +791,8 @@ impl Pki {
             server_key: write("server.key", &server_key),
             edge_cert: write("edge.pem", &edge),
             edge_key: write("edge.key", &edge_key),
+            ca_pem: ca,
+            ca_key_pem: ca_key,
             dir,
         }
     }
@@ -828,8 +834,11 @@ pub struct Core {
     pub admin: SocketAddr,
     /// `data_dir`.
     pub data_dir: PathBuf,
-    config_path: PathBuf,
+    /// The config file it runs with (tests may rewrite it and SIGHUP the node).
+    pub config_path: PathBuf,
     log_path: PathBuf,
+    /// Extra environment variables for the next [`Core::start`].
+    pub env: Vec<(String, String)>,
 }
 
 impl Core {
@@ -868,6 +877,7 @@ impl Core {
             data_dir: data_dir.to_path_buf(),
             config_path,
             log_path,
+            env: Vec::new(),
         }
     }
 
@@ -889,6 +899,7 @@ impl Core {
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -909,6 +920,16 @@ impl Core {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// The process id; panics if it is not running.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the core is running").id()
+    }
+
+    /// Everything the node logged (over all its runs).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// `127.0.0.1:<port>`, as `[forward] cores` names it.

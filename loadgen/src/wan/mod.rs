@@ -81,8 +81,8 @@ pub struct WanArgs {
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
     /// Relay TCP instead of UDP (for TCP peers such as a Mosquitto bridge or a NATS leaf node):
-    /// delay, rate and outages (as a black hole that holds bytes) apply; loss, jitter, reorder
-    /// and duplicate do not (TCP would retransmit).
+    /// delay, rate and outages apply (open connections' bytes are held, new connections closed);
+    /// loss, jitter, reorder and duplicate do not (TCP would retransmit).
     #[arg(long)]
     pub tcp: bool,
 }

@@ -2,9 +2,11 @@
 //! they can be judged beside Backhaul's QUIC link under the same outage and delay.
 //!
 //! A byte stream has no datagrams to lose: TCP would retransmit them. So here an outage is a
-//! black hole — bytes sent during it are held and arrive after it ends, new connections are
-//! not passed upstream until it ends — and what a peer loses in an outage is what its own
-//! timeouts and queues throw away, which is the point of the comparison. Delay holds every
+//! black hole for open connections — bytes sent during it are held and arrive after it ends,
+//! so a peer's own keep-alive decides whether it gives the connection up — and new connections
+//! during it are closed at once, so the peer's reconnect policy decides how soon it is back.
+//! What a peer loses in an outage is what its own timeouts and queues throw away, which is the
+//! point of the comparison. Delay holds every
 //! chunk for the one-way delay; the bandwidth cap is shared by all connections of a direction.
 
 use std::net::SocketAddr;
@@ -56,6 +58,8 @@ pub struct TcpCounts {
     pub down_bytes: u64,
     /// Chunks held back by an outage.
     pub held: u64,
+    /// Connections closed at once because they came during an outage.
+    pub refused: u64,
 }
 
 struct Shared {
@@ -132,17 +136,22 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>
                 continue;
             }
         };
-        shared.counts.lock().unwrap_or_else(PoisonError::into_inner).connections += 1;
+        let (in_outage, delay) = {
+            let imp = shared.imp.lock().unwrap_or_else(PoisonError::into_inner);
+            (imp.outage_end(shared.start.elapsed()).is_some(), imp.delay)
+        };
+        {
+            let mut c = shared.counts.lock().unwrap_or_else(PoisonError::into_inner);
+            c.connections += 1;
+            c.refused += u64::from(in_outage);
+        }
+        if in_outage {
+            // The link is down: the client's reconnect policy decides when it tries again.
+            drop(client);
+            continue;
+        }
         let shared = shared.clone();
         conns.spawn(async move {
-            // No SYN crosses a black hole: connect upstream only once the outage is over.
-            let (end, delay) = {
-                let imp = shared.imp.lock().unwrap_or_else(PoisonError::into_inner);
-                (imp.outage_end(shared.start.elapsed()), imp.delay)
-            };
-            if let Some(end) = end {
-                tokio::time::sleep_until(shared.start + end).await;
-            }
             tokio::time::sleep(delay * 2).await;
             let up = match TcpStream::connect(upstream).await {
                 Ok(s) => s,
@@ -254,14 +263,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_outage_holds_bytes_until_it_ends_and_loses_none() {
-        let outage = Outage { start: Duration::ZERO, length: Duration::from_millis(400) };
-        let imp = TcpImpairment { outages: vec![outage], ..TcpImpairment::default() };
-        let p = TcpProxy::start("127.0.0.1:0".parse().unwrap(), echo().await, imp).await.unwrap();
+    async fn an_outage_holds_open_connections_bytes_and_closes_new_connections() {
+        let p = TcpProxy::start("127.0.0.1:0".parse().unwrap(), echo().await, TcpImpairment::default()).await.unwrap();
+        let mut open = TcpStream::connect(p.local_addr()).await.unwrap();
+        open.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        open.read_exact(&mut one).await.unwrap();
+        p.add_outage(std::time::Instant::now(), Duration::from_millis(400));
+        let t = std::time::Instant::now();
         let msg: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        let (back, rtt) = round_trip(p.local_addr(), &msg).await;
-        assert_eq!(back, msg);
-        assert!(rtt >= Duration::from_millis(350), "{rtt:?}");
+        open.write_all(&msg).await.unwrap();
+        // A connection opened during the outage is closed at once.
+        let mut refused = TcpStream::connect(p.local_addr()).await.unwrap();
+        let mut buf = [0u8; 8];
+        assert!(matches!(refused.read(&mut buf).await, Ok(0) | Err(_)));
+        let mut back = vec![0u8; msg.len()];
+        open.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg, "held, not lost");
+        assert!(t.elapsed() >= Duration::from_millis(350), "{:?}", t.elapsed());
+        let c = p.counts();
+        assert_eq!((c.connections, c.refused), (2, 1));
+        assert!(c.held > 0);
     }
 
     #[tokio::test]

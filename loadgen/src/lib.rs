@@ -23,6 +23,8 @@
 //! - [`disk_peer`]: the disk's own append + `sync_data` rate for the same bytes.
 //! - [`devices`]: `loadgen mqtt`, many device connections publishing traceable messages to a
 //!   broker or the agent's listener, with a manifest for `loadgen verify`.
+//! - [`nats_peer`]: the NATS leaf node + JetStream peer of `outage` (stream sourcing as
+//!   store-and-forward).
 //! - [`outage`]: `loadgen outage`, a WAN outage and the backfill, Backhaul beside a Mosquitto
 //!   bridge fed the same traffic, both verified message by message.
 //! - [`trace`]: traceable device payloads (CDRs, SenML) carrying an id and a send time.
@@ -41,6 +43,7 @@ pub mod forwarding_agent;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod mqtt_ingest;
+pub mod nats_peer;
 pub mod outage;
 pub mod paced;
 pub mod payload;

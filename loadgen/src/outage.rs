@@ -10,6 +10,10 @@
 //!   at QoS 1 with a persistent session → `loadgen wan --tcp` → a core Mosquitto → a QoS 1
 //!   subscriber with a persistent session that records every message it is given.
 //!
+//! - **nats-leaf**: devices → a NATS leaf node's MQTT listener (JetStream stream `CDR`) →
+//!   `loadgen wan --tcp` → a hub whose stream sources `CDR` (NATS's store-and-forward); read
+//!   back with a pull consumer.
+//!
 //! The outage is a window of the schedule (`LENGTH@START`, from when message 0 is due). For the
 //! UDP link it drops every datagram; for TCP it is a black hole that holds bytes until it ends.
 
@@ -48,6 +52,8 @@ pub enum System {
     /// The same bridge with Mosquitto's stock limits (`max_queued_messages 1000`,
     /// `max_inflight_messages 20`), as a broker is usually found.
     MosquittoBridgeStock,
+    /// A NATS leaf node (JetStream, MQTT listener) whose stream a hub's stream sources.
+    NatsLeaf,
 }
 
 /// `loadgen outage` options.
@@ -66,7 +72,7 @@ pub struct OutageArgs {
     #[arg(long, default_value = "20s@15s", value_parser = Outage::parse)]
     pub outage: Outage,
     /// Systems to run, one after the other.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Backhaul, System::MosquittoBridge])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Backhaul, System::MosquittoBridge, System::MosquittoBridgeStock, System::NatsLeaf])]
     pub systems: Vec<System>,
     /// After the last message, how long the core side may take to catch up.
     #[arg(long, default_value = "300s", value_parser = crate::wan::parse_duration)]
@@ -162,6 +168,7 @@ pub async fn run(args: OutageArgs) -> anyhow::Result<Vec<String>> {
             System::MosquittoBridge | System::MosquittoBridgeStock => {
                 run_bridge(&args, &dir, &mosquitto_exe, system).await?
             }
+            System::NatsLeaf => run_nats(&args, &dir).await?,
         };
         if let Some(rd) = &args.report_dir {
             std::fs::create_dir_all(rd)?;
@@ -502,6 +509,53 @@ async fn run_bridge(
     let report = report(args, system, series, finished.acked, &verdict, (drained, all));
     Ok(SystemOutcome {
         system,
+        acked: finished.acked,
+        verdict,
+        backlog_drained_s: drained,
+        all_stored_after_end_s: all,
+        report,
+    })
+}
+
+async fn run_nats(args: &OutageArgs, dir: &Path) -> anyhow::Result<SystemOutcome> {
+    use crate::nats_peer::{Hub, Leaf, find_exe};
+    let exe = find_exe()?;
+    let hub = Hub::start(&exe, dir).await?;
+    let proxy = TcpProxy::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SocketAddr::from(([127, 0, 0, 1], hub.leaf_port)),
+        TcpImpairment::default(),
+    )
+    .await?;
+    let leaf = Leaf::start(&exe, dir, proxy.local_addr()).await?;
+    hub.create_sourcing_stream().await?;
+    // The link is up once a probe published at the leaf is in the hub's stream.
+    let mut probe = crate::mqtt::Publisher::connect(leaf.mqtt_port, "loadgen-probe", 1, 1 << 16).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hub.messages().await? == 0 {
+        probe.publish_one("cdr/probe", Bytes::from_static(b"{\"probe\":1}")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        anyhow::ensure!(Instant::now() < deadline, "the hub's stream did not source the leaf's within 60 s");
+    }
+    probe.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = hub.messages().await?;
+    let running = devices::start(device_args(args, leaf.mqtt_port));
+    let (finished, series, drained, all) = drive(
+        args,
+        running,
+        |at| proxy.add_outage(at, args.outage.length),
+        || async { Ok(hub.messages().await?.saturating_sub(base)) },
+    )
+    .await?;
+    let mut verifier = Verifier::new(&finished.manifest)?;
+    hub.read_all(&mut verifier, base).await?;
+    let verdict = verifier.finish();
+    leaf.server.stop()?;
+    hub.server.stop()?;
+    let report = report(args, System::NatsLeaf, series, finished.acked, &verdict, (drained, all));
+    Ok(SystemOutcome {
+        system: System::NatsLeaf,
         acked: finished.acked,
         verdict,
         backlog_drained_s: drained,

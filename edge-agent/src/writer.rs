@@ -23,7 +23,7 @@ use shared::log::verify::stream_dir;
 use shared::log::{FsyncPolicy, Log, LogConfig, LogError, Retention, SegmentSummary};
 
 use crate::config::{Config, DEADLETTER_STREAM, FsyncConfig, FullPolicy, PayloadFormatConfig, StreamConfig};
-use crate::ingest::session::{AckSession, Admit, BatchRef};
+use crate::ingest::session::{AckSession, Admit, BatchRef, Outcome};
 use crate::metrics::{DropReason, Metrics, StreamId};
 use crate::route::Router;
 
@@ -81,11 +81,32 @@ pub enum Input {
         /// drops acks of an older generation (their messages are redelivered).
         generation: u64,
     },
+    /// A listen-mode connection `conn` (an index above the broker connections, reused after
+    /// its [`Input::Detach`]) took over a device session.
+    Attach {
+        /// Connection index.
+        conn: usize,
+        /// How the writer treats it.
+        info: ConnInfo,
+        /// Clean start: forget the redelivery memory kept for its client id.
+        clean: bool,
+        /// Where its acks go (taken by the writer thread's loop, not by [`Writer`]).
+        acks: Option<AckSender>,
+    },
+    /// Listen-mode connection `conn` closed: its queued acks are forgotten (the device
+    /// resends with DUP), its redelivery memory is kept under its client id.
+    Detach {
+        /// Connection index.
+        conn: usize,
+    },
     /// Time passed.
     Tick,
     /// Flush, sync, ack, stop.
     Shutdown,
 }
+
+/// Where a connection's acks go.
+pub type AckSender = tokio::sync::mpsc::UnboundedSender<Ack>;
 
 /// A PUBACK that may leave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +119,8 @@ pub struct Ack {
     pub generation: u64,
     /// When its PUBLISH came in, µs.
     pub received_us: u64,
+    /// What became of the PUBLISH.
+    pub outcome: Outcome,
 }
 
 /// One connection as the writer sees it.
@@ -107,6 +130,9 @@ pub struct ConnInfo {
     pub client_id: String,
     /// Receive window: at this many unacknowledged messages, batches flush and sync at once.
     pub inflight_max: usize,
+    /// Refuse (rather than hold) a PUBLISH to a stream that is full under `backpressure`:
+    /// MQTT 5 devices of listen mode, which can be told "quota exceeded" and retry.
+    pub refuse_when_full: bool,
 }
 
 struct StreamState {
@@ -134,6 +160,12 @@ pub struct Writer {
     sessions: Vec<AckSession>,
     generations: Vec<u64>,
     conns: Vec<ConnInfo>,
+    /// Redelivery memory of listen-mode devices not connected now, by client id.
+    parked: std::collections::HashMap<String, AckSession>,
+    /// Bound of `parked`.
+    parked_max: usize,
+    /// Records read back from each log's tail at start for listen-mode devices.
+    listen_window: u64,
     router: Router,
     deadletter: usize,
     storage: Arc<dyn Storage>,
@@ -202,6 +234,9 @@ impl Writer {
             deadletter: id(DEADLETTER_STREAM),
             streams,
             conns,
+            parked: std::collections::HashMap::new(),
+            parked_max: config.listen.as_ref().map_or(0, |l| l.sessions_max),
+            listen_window: config.listen.as_ref().map_or(0, |l| l.redelivery_window_records),
             router,
             storage,
             total_budget: config.disk.budget_bytes.map(|b| b.0),
@@ -226,6 +261,8 @@ impl Writer {
                 self.sessions[conn].handle_reset();
                 self.generations[conn] = generation;
             }
+            Input::Attach { conn, info, clean, acks: _ } => self.attach(conn, info, clean),
+            Input::Detach { conn } => self.detach(conn),
             Input::Tick => {}
             Input::Shutdown => return true,
         }
@@ -247,6 +284,40 @@ impl Writer {
         self.streams.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// Client ids of listen-mode devices whose records the logs' tails hold (read at open).
+    pub fn parked_clients(&self) -> Vec<String> {
+        self.parked.keys().cloned().collect()
+    }
+
+    fn attach(&mut self, conn: usize, info: ConnInfo, clean: bool) {
+        if conn >= self.sessions.len() {
+            self.sessions.resize_with(conn + 1, AckSession::new);
+            self.generations.resize(conn + 1, 0);
+            self.conns
+                .resize(conn + 1, ConnInfo { client_id: String::new(), inflight_max: 1, refuse_when_full: false });
+        }
+        let parked = self.parked.remove(&info.client_id);
+        let mut session = if clean { AckSession::new() } else { parked.unwrap_or_default() };
+        session.handle_reset();
+        self.sessions[conn] = session;
+        self.conns[conn] = info;
+    }
+
+    fn detach(&mut self, conn: usize) {
+        let Some(session) = self.sessions.get_mut(conn) else { return };
+        let mut session = std::mem::take(session);
+        session.handle_reset();
+        let client_id = std::mem::take(&mut self.conns[conn].client_id);
+        if session.remembers_any() && self.parked_max > 0 {
+            if self.parked.len() >= self.parked_max
+                && let Some(k) = self.parked.keys().next().cloned()
+            {
+                self.parked.remove(&k);
+            }
+            self.parked.insert(client_id, session);
+        }
+    }
+
     /// Whether any stream is refusing data for lack of disk.
     pub fn any_full(&self) -> bool {
         self.streams.iter().any(|s| s.full)
@@ -260,7 +331,7 @@ impl Writer {
                 Admit::Duplicate(at) => {
                     let stream = self.router.route(&m.topic).unwrap_or(self.deadletter);
                     self.metrics.add_dropped(self.mids[stream], DropReason::Duplicate, 1);
-                    self.sessions[m.conn].handle_taken(m.pkid, None, at, m.received_us);
+                    self.sessions[m.conn].handle_taken_as(m.pkid, None, at, m.received_us, Outcome::Duplicate);
                     return;
                 }
             }
@@ -268,12 +339,19 @@ impl Writer {
         let Some(si) = self.router.route(&m.topic) else {
             self.metrics.add_unrouted(1);
             if m.qos > 0 {
-                self.sessions[m.conn].handle_taken(m.pkid, None, None, m.received_us);
+                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::Unrouted);
             }
             return;
         };
         self.metrics.add_received(self.mids[si], 1);
         let s = &self.streams[si];
+        if s.full && s.cfg.full_policy == FullPolicy::Backpressure && self.conns[m.conn].refuse_when_full {
+            // Not taken: the device keeps it and retries (QoS 0 is lost by its own terms).
+            if m.qos > 0 {
+                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::QuotaExceeded);
+            }
+            return;
+        }
         let rejected = if m.payload.len() as u64 > s.cfg.record_bytes_max.0 {
             Some((
                 DropReason::TooLarge,
@@ -291,6 +369,11 @@ impl Writer {
         if m.qos > 0 {
             attrs.push(Attr { key: attr::MQTT_PACKET_ID.into(), value: m.pkid.to_string() });
         }
+        let outcome = match &rejected {
+            None => Outcome::Stored,
+            Some((DropReason::InvalidPayload, _)) => Outcome::PayloadInvalid,
+            Some(_) => Outcome::TooLarge,
+        };
         let (target, payload): (usize, &[u8]) = match &rejected {
             None => (si, &m.payload),
             Some((reason, text)) => {
@@ -312,7 +395,7 @@ impl Writer {
             tracing::warn!(error = %e, topic = %m.topic, "record refused by the batch codec");
             self.metrics.add_dropped(self.mids[si], DropReason::TooLarge, 1);
             if m.qos > 0 {
-                self.sessions[m.conn].handle_taken(m.pkid, None, None, m.received_us);
+                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::TooLarge);
             }
             return;
         }
@@ -322,7 +405,7 @@ impl Writer {
             t.close_builder();
         }
         if m.qos > 0 {
-            self.sessions[m.conn].handle_taken(m.pkid, Some(hash), Some(at), m.received_us);
+            self.sessions[m.conn].handle_taken_as(m.pkid, Some(hash), Some(at), m.received_us, outcome);
         }
     }
 
@@ -352,10 +435,10 @@ impl Writer {
         let is_committed = |b: BatchRef| b.batch_no < committed[b.stream];
         let mut acks = Vec::new();
         for (conn, session) in self.sessions.iter_mut().enumerate() {
-            for (pkid, received_us) in session.poll_acks(is_committed) {
+            for (pkid, received_us, outcome) in session.poll_acks(is_committed) {
                 self.metrics
                     .observe_receive_to_ack(std::time::Duration::from_micros(now_us.saturating_sub(received_us)));
-                acks.push(Ack { conn, pkid, generation: self.generations[conn], received_us });
+                acks.push(Ack { conn, pkid, generation: self.generations[conn], received_us, outcome });
             }
         }
         acks
@@ -559,7 +642,7 @@ impl Writer {
     /// Reads the tail of every log for records taken from our connections, so a redelivery
     /// after a restart is recognised (see `ingest::session`).
     fn remember_log_tails(&mut self) {
-        let window: u64 = 4 * self.conns.iter().map(|c| c.inflight_max as u64).sum::<u64>();
+        let window: u64 = 4 * self.conns.iter().map(|c| c.inflight_max as u64).sum::<u64>() + self.listen_window;
         for s in &mut self.streams {
             let end = lock(&s.log).committed_offset();
             let mut from = Offset(end.0.saturating_sub(window).max(lock(&s.log).start_offset().0));
@@ -572,12 +655,17 @@ impl Writer {
                         else {
                             continue;
                         };
-                        let (Some(conn), Ok(pid)) =
-                            (self.conns.iter().position(|c| c.client_id == client), pid.parse())
-                        else {
-                            continue;
-                        };
-                        self.sessions[conn].remember_durable(pid, content_hash(&r.topic, &r.payload));
+                        let Ok(pid) = pid.parse() else { continue };
+                        let hash = content_hash(&r.topic, &r.payload);
+                        match self.conns.iter().position(|c| c.client_id == client) {
+                            Some(conn) => self.sessions[conn].remember_durable(pid, hash),
+                            None if self.listen_window > 0
+                                && (self.parked.len() < self.parked_max || self.parked.contains_key(client)) =>
+                            {
+                                self.parked.entry(client.to_owned()).or_default().remember_durable(pid, hash);
+                            }
+                            None => {}
+                        }
                     }
                 }
                 if read.next <= from {
@@ -700,7 +788,7 @@ fsync = "always"
 
     fn open(sim: &SimStorage) -> Writer {
         let config = Config::parse(CONFIG, Path::new("t.toml")).unwrap();
-        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100 }];
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100, refuse_when_full: false }];
         let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
         Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap()
     }
@@ -843,7 +931,7 @@ fsync = "always"
         let text =
             CONFIG.replace("full_policy = \"drop_oldest\"", "full_policy = \"drop_oldest\"\nretention_age = \"1h\"");
         let config = Config::parse(&text, Path::new("t.toml")).unwrap();
-        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100 }];
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100, refuse_when_full: false }];
         let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
         let mut w = Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap();
         for i in 0..100u16 {

@@ -84,6 +84,9 @@ pub struct Users {
     hashes: HashMap<String, PasswordHash>,
     publish: HashMap<String, Vec<String>>,
     verified: Mutex<HashMap<String, digest::Digest>>,
+    /// One verification per user at a time: 1,000 devices of one user connecting at once
+    /// wait for the first, then find its password remembered.
+    verifying: HashMap<String, Mutex<()>>,
 }
 
 impl Users {
@@ -96,6 +99,7 @@ impl Users {
                 .collect(),
             publish: users.iter().filter_map(|u| u.publish.clone().map(|p| (u.name.clone(), p))).collect(),
             verified: Mutex::new(HashMap::new()),
+            verifying: users.iter().map(|u| (u.name.clone(), Mutex::new(()))).collect(),
         }
     }
 
@@ -107,6 +111,11 @@ impl Users {
         let lock = |m: &Mutex<HashMap<String, digest::Digest>>| {
             m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(user).map(|v| v.as_ref().to_vec())
         };
+        if lock(&self.verified).is_some_and(|v| v == d.as_ref()) {
+            return true;
+        }
+        let _one_at_a_time =
+            self.verifying.get(user).map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if lock(&self.verified).is_some_and(|v| v == d.as_ref()) {
             return true;
         }

@@ -29,6 +29,9 @@ use crate::writer::{Ack, ConnInfo, Incoming, Input};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 16 << 10;
+/// How long, and how many bytes, a closing connection reads and drops (see `linger`).
+const LINGER: Duration = Duration::from_millis(200);
+const LINGER_BYTES_MAX: usize = 1 << 20;
 /// How long a new connection waits for the one it takes over to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
@@ -545,7 +548,7 @@ fn connack(version: Version, result: &Result<Accepted, Reason>, limits: &Limits,
 }
 
 fn disconnect_v5(reason: Reason, buf: &mut BytesMut) {
-    use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectReasonCode as D, Packet};
+    use rumqttc::v5::mqttbytes::v5::{Disconnect, DisconnectProperties, DisconnectReasonCode as D, Packet};
     let code = match reason {
         Reason::MalformedPacket => D::MalformedPacket,
         Reason::ProtocolError => D::ProtocolError,
@@ -561,7 +564,15 @@ fn disconnect_v5(reason: Reason, buf: &mut BytesMut) {
         Reason::PayloadFormatInvalid => D::PayloadFormatInvalid,
         _ => D::ImplementationSpecificError,
     };
-    let _ = Packet::Disconnect(Disconnect::new(code)).write(buf, None);
+    // Always with properties: rumqttc 0.25 writes one byte more than the remaining length it
+    // declares for a DISCONNECT without them. The reason string helps the device's operator.
+    let properties = DisconnectProperties {
+        session_expiry_interval: None,
+        reason_string: Some(format!("{reason:?}")),
+        user_properties: Vec::new(),
+        server_reference: None,
+    };
+    let _ = Packet::Disconnect(Disconnect { reason_code: code, properties: Some(properties) }).write(buf, None);
 }
 
 /// Reads into `buf` until `decode` gives a packet or fails; `None` at EOF.
@@ -627,6 +638,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
             connack(version, &Err(reason), &shared.limits, max, &mut out);
             let _ = wr.write_all(&out).await;
             let _ = wr.shutdown().await;
+            linger(&mut rd).await;
             return Err(format!("CONNECT refused: {reason:?}"));
         }
         Ok(a) => a,
@@ -748,6 +760,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    linger(&mut rd).await;
     let _ = shared.writer.send(Input::Detach { conn }).await;
     lock(&shared.slots).free.push(conn - shared.conn_base);
     {
@@ -761,6 +774,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
         let _ = done.send(());
     }
     result
+}
+
+/// After our FIN, reads and drops what the device still sends, briefly: closing a socket
+/// with unread bytes sends a reset, which can destroy the DISCONNECT that says why.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut sink = [0u8; 4096];
+    let mut left = LINGER_BYTES_MAX;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match rd.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 enum Step {

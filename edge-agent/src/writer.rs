@@ -954,6 +954,88 @@ fsync = "always"
         assert!(sensors.dropped(DropReason::RetentionExpired) > 0);
     }
 
+    fn listen_writer(sim: &SimStorage) -> Writer {
+        let text = format!("{CONFIG}\n[listen]\ntcp = [\"127.0.0.1:1\"]\nallow_anonymous = true\n");
+        let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100, refuse_when_full: false }];
+        let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
+        Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap()
+    }
+
+    fn attach(w: &mut Writer, conn: usize, client_id: &str, clean: bool) {
+        let info = ConnInfo { client_id: client_id.into(), inflight_max: 10, refuse_when_full: true };
+        assert!(!w.handle_input(Input::Attach { conn, info, clean, acks: None }));
+    }
+
+    fn publish_on(w: &mut Writer, conn: usize, pkid: u16, dup: bool, payload: &str) {
+        let msg = Incoming {
+            conn,
+            pkid,
+            qos: 1,
+            dup,
+            topic: "cdr/a".into(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            ts_ms: 1000,
+            received_us: 0,
+        };
+        assert!(!w.handle_input(Input::Publish(msg)));
+    }
+
+    #[test]
+    fn listen_connections_attach_detach_and_keep_their_redelivery_memory() {
+        let sim = SimStorage::new();
+        let mut w = listen_writer(&sim);
+        attach(&mut w, 3, "dev-a", false);
+        publish_on(&mut w, 3, 5, false, "{\"id\":5}");
+        // Dropped before the ack: the queued ack is forgotten, the memory is kept.
+        assert!(!w.handle_input(Input::Detach { conn: 3 }));
+        assert!(w.drive(20_000, 0, false).is_empty());
+        attach(&mut w, 1, "dev-a", false);
+        publish_on(&mut w, 1, 5, true, "{\"id\":5}");
+        let acks = w.drive(40_000, 0, false);
+        assert_eq!(
+            acks.iter().map(|a| (a.conn, a.pkid, a.outcome)).collect::<Vec<_>>(),
+            vec![(1, 5, Outcome::Duplicate)]
+        );
+        // A clean start forgets it: the same resend is new data then.
+        assert!(!w.handle_input(Input::Detach { conn: 1 }));
+        attach(&mut w, 1, "dev-a", true);
+        publish_on(&mut w, 1, 5, true, "{\"id\":5}");
+        assert_eq!(w.drive(60_000, 0, false)[0].outcome, Outcome::Stored);
+        assert_eq!(records(&sim, "cdr").len(), 2);
+        // After a restart the log's tail brings the memory back, under the client id.
+        drop(w);
+        let mut w = listen_writer(&sim);
+        assert_eq!(w.parked_clients(), vec!["dev-a".to_string()]);
+        attach(&mut w, 1, "dev-a", false);
+        publish_on(&mut w, 1, 5, true, "{\"id\":5}");
+        assert_eq!(w.drive(20_000, 0, false)[0].outcome, Outcome::Duplicate);
+        assert_eq!(records(&sim, "cdr").len(), 2);
+    }
+
+    #[test]
+    fn a_full_stream_refuses_listen_v5_publishes_and_holds_the_others() {
+        let sim = SimStorage::new();
+        let mut w = listen_writer(&sim);
+        attach(&mut w, 1, "dev-v5", false);
+        sim.set_faults(Faults { capacity_bytes: Some(sim.used_bytes() + 64), fail_syncs: 0 });
+        publish(&mut w, 1, false, "cdr/a", "{\"n\":1}");
+        assert!(w.drive(50_000, 0, false).is_empty());
+        assert!(w.any_full());
+        // The device that can be told is told at once; the broker connection waits.
+        publish_on(&mut w, 1, 9, false, "{\"n\":2}");
+        let acks = w.drive(60_000, 0, false);
+        assert_eq!(
+            acks.iter().map(|a| (a.conn, a.pkid, a.outcome)).collect::<Vec<_>>(),
+            vec![(1, 9, Outcome::QuotaExceeded)]
+        );
+        sim.set_faults(Faults::default());
+        assert_eq!(pkids(&w.drive(150_000, 0, false)), vec![1]);
+        assert_eq!(records(&sim, "cdr").len(), 1, "the refused message was not stored");
+        publish_on(&mut w, 1, 10, false, "not json");
+        assert_eq!(w.drive(200_000, 0, true)[0].outcome, Outcome::PayloadInvalid);
+    }
+
     #[test]
     fn a_burst_never_makes_a_batch_above_batch_bytes_max() {
         let sim = SimStorage::new();

@@ -694,3 +694,37 @@ fn sigkill_while_100_devices_publish_then_every_acked_message_is_kept_and_dup_re
     let dup_total: u32 = ids.values().filter(|&&n| n > 1).sum();
     assert_eq!(dup_total, 0, "no message is stored twice");
 }
+
+#[test]
+fn the_example_config_has_a_listen_section_that_validates() {
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/edge-agent.example.toml");
+    let text = std::fs::read_to_string(EXAMPLE).expect("reading the example config");
+    let config = edge_agent::config::Config::parse(&text, Path::new(EXAMPLE)).unwrap_or_else(|e| panic!("{e}"));
+    let listen = config.listen.expect("[listen] in the example");
+    assert_eq!(listen.users.len(), 1);
+    let users = edge_agent::listen::auth::Users::new(&listen.users);
+    assert!(users.check("meter-fleet", b"change-me"), "the example's hash is of the password its comment names");
+}
+
+#[test]
+fn connections_max_and_keep_alive_are_enforced() {
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    let _agent = Agent::start(&listen_toml(l, "connections_max = 1\nkeep_alive_max = \"1s\"\n"), data.path());
+    let (mut first, ack) = Raw::connect(l, true, "one", PASSWORD, true);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: false });
+    let (_, ack) = Raw::connect(l, true, "two", PASSWORD, true);
+    assert_eq!(ack, Got::ConnAck { code: 0x97, present: false }, "quota exceeded");
+    let (_, ack) = Raw::connect(l, false, "two", PASSWORD, true);
+    assert_eq!(ack, Got::ConnAck { code: 3, present: false }, "3.1.1: server unavailable");
+    // The device asked for 30 s, was granted 1 s, and says nothing: closed after 1.5 s.
+    let started = Instant::now();
+    assert_eq!(first.read(Duration::from_secs(10)), Got::Disconnect { code: 0x8D });
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1200) && waited < Duration::from_secs(5), "closed after {waited:?}");
+    // The slot is free again once the device has gone.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, ack) = Raw::connect(l, true, "three", PASSWORD, true);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: false });
+}

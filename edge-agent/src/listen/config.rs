@@ -182,3 +182,47 @@ impl ListenConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    const BASE: &str = "edge_id = \"e\"\ndata_dir = \"/d\"\n";
+
+    fn problems(listen: &str) -> String {
+        match Config::parse(&format!("{BASE}{listen}"), Path::new("t.toml")) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn listen_alone_is_enough_to_ingest() {
+        let c = Config::parse(
+            &format!("{BASE}[listen]\ntcp = [\"127.0.0.1:1883\"]\nallow_anonymous = true\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let l = c.listen.unwrap();
+        assert_eq!((l.inflight_max, l.packet_bytes_max.0, l.connections_max), (100, 1 << 20, 10_000));
+        assert!(problems("").contains("no [[broker]] and no [listen]"));
+    }
+
+    #[test]
+    fn every_listen_problem_names_its_key() {
+        let e = problems("[listen]\ntls = [\"127.0.0.1:8883\"]\ninflight_max = 0\npacket_bytes_max = \"1B\"\n");
+        for key in
+            ["listen.cert_file", "listen.key_file", "listen.inflight_max", "listen.packet_bytes_max", "listen.user"]
+        {
+            assert!(e.contains(key), "{key} in {e}");
+        }
+        let e = problems(
+            "[listen]\ntcp = [\"127.0.0.1:1\"]\nclient_ca_file = \"/nope\"\n[[listen.user]]\nname = \"d\"\npassword_hash = \"plain\"\npublish = [\"a/#/b\"]\n",
+        );
+        for key in ["listen.client_ca_file", "listen.user[0].password_hash", "listen.user[0].publish[0]"] {
+            assert!(e.contains(key), "{key} in {e}");
+        }
+        assert!(problems("[listen]\ntcp = [\"127.0.0.1:1\"]\nbogus = 1\n").contains("bogus"));
+    }
+}

@@ -66,7 +66,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Some(l) => Some(Listeners::bind(l).await?),
         None => None,
     };
-    let listen_metrics = listeners.as_ref().map(|_| Arc::new(ListenMetrics::default()));
+    let listen_metrics = listeners.as_ref().map(|_| Arc::new(ListenMetrics::new(writer.qos0_dropped_full())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let forward_metrics = Arc::new(ForwardMetrics::default());
     let admin_state = AdminState {

@@ -166,6 +166,11 @@ pub struct Writer {
     parked_max: usize,
     /// Records read back from each log's tail at start for listen-mode devices.
     listen_window: u64,
+    /// Connections below this index are the brokers'; above, listen mode's.
+    broker_conns: usize,
+    /// QoS 0 messages of devices dropped because their stream was full (`backpressure`):
+    /// nothing can hold them back, and memory must stay bounded.
+    qos0_dropped_full: Arc<std::sync::atomic::AtomicU64>,
     router: Router,
     deadletter: usize,
     storage: Arc<dyn Storage>,
@@ -228,6 +233,7 @@ impl Writer {
         let id = |n: &str| names.iter().position(|s| s == n).expect("validated stream name");
         let rules: Vec<(String, usize)> = config.routes.iter().map(|r| (r.filter.clone(), id(&r.stream))).collect();
         let router = Router::new(&rules, config.routing.unmatched_stream.as_deref().map(id));
+        let broker_conns = conns.len();
         let mut w = Writer {
             sessions: conns.iter().map(|_| AckSession::new()).collect(),
             generations: vec![0; conns.len()],
@@ -237,6 +243,8 @@ impl Writer {
             parked: std::collections::HashMap::new(),
             parked_max: config.listen.as_ref().map_or(0, |l| l.sessions_max),
             listen_window: config.listen.as_ref().map_or(0, |l| l.redelivery_window_records),
+            broker_conns,
+            qos0_dropped_full: Arc::default(),
             router,
             storage,
             total_budget: config.disk.budget_bytes.map(|b| b.0),
@@ -282,6 +290,11 @@ impl Writer {
     /// Stream names, by index.
     pub fn stream_names(&self) -> Vec<String> {
         self.streams.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The count of devices' QoS 0 messages dropped on a full `backpressure` stream.
+    pub fn qos0_dropped_full(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.qos0_dropped_full.clone()
     }
 
     /// Client ids of listen-mode devices whose records the logs' tails hold (read at open).
@@ -345,12 +358,18 @@ impl Writer {
         };
         self.metrics.add_received(self.mids[si], 1);
         let s = &self.streams[si];
-        if s.full && s.cfg.full_policy == FullPolicy::Backpressure && self.conns[m.conn].refuse_when_full {
-            // Not taken: the device keeps it and retries (QoS 0 is lost by its own terms).
-            if m.qos > 0 {
+        if s.full && s.cfg.full_policy == FullPolicy::Backpressure {
+            if m.qos > 0 && self.conns[m.conn].refuse_when_full {
+                // Not taken: the device keeps it and retries.
                 self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::QuotaExceeded);
+                return;
             }
-            return;
+            if m.qos == 0 && m.conn >= self.broker_conns {
+                // At most once by its own terms, and no ack to hold back: held, it would grow
+                // memory without bound while the disk is full.
+                self.qos0_dropped_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
         }
         let rejected = if m.payload.len() as u64 > s.cfg.record_bytes_max.0 {
             Some((
@@ -1034,6 +1053,23 @@ fsync = "always"
         assert_eq!(records(&sim, "cdr").len(), 1, "the refused message was not stored");
         publish_on(&mut w, 1, 10, false, "not json");
         assert_eq!(w.drive(200_000, 0, true)[0].outcome, Outcome::PayloadInvalid);
+        // QoS 0 of a device on a full stream is dropped and counted, not held in memory.
+        sim.set_faults(Faults { capacity_bytes: Some(sim.used_bytes() + 64), fail_syncs: 0 });
+        publish(&mut w, 11, false, "cdr/a", "{\"n\":3}");
+        w.drive(300_000, 0, false);
+        assert!(w.any_full());
+        let msg = Incoming {
+            conn: 1,
+            pkid: 0,
+            qos: 0,
+            dup: false,
+            topic: "cdr/a".into(),
+            payload: Bytes::from_static(b"{}"),
+            ts_ms: 0,
+            received_us: 0,
+        };
+        w.handle_input(Input::Publish(msg));
+        assert_eq!(w.qos0_dropped_full().load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use loadgen::core_ingest::{self, CoreIngestArgs};
 use loadgen::e2e_latency::{self, E2eLatencyArgs};
+use loadgen::listen_ingest::{self, ListenIngestArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
 use tracing_subscriber::EnvFilter;
 
@@ -33,6 +34,9 @@ enum Command {
     /// Paced MQTT publishers → Mosquitto → edge-agent → QUIC → core-ingest: publish-to-durable
     /// latency at a target rate.
     E2eLatency(E2eLatencyArgs),
+    /// Devices publishing straight to edge-agent (listen mode) vs Mosquitto's own publish →
+    /// subscriber rate; PUBACK latency at half the agent's rate; the agent's idle RSS.
+    ListenIngest(ListenIngestArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,10 @@ fn main() -> ExitCode {
             },
             Command::E2eLatency(args) => tokio::select! {
                 r = e2e_latency::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+            Command::ListenIngest(args) => tokio::select! {
+                r = listen_ingest::run(args) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
         }

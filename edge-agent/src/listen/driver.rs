@@ -42,9 +42,15 @@ pub struct ListenMetrics {
     accepted_total: AtomicU64,
     refused: Mutex<HashMap<u8, u64>>,
     closed_by_error_total: AtomicU64,
+    qos0_dropped_full: Arc<AtomicU64>,
 }
 
 impl ListenMetrics {
+    /// Metrics that also show the writer's count of QoS 0 messages dropped on full streams.
+    pub fn new(qos0_dropped_full: Arc<AtomicU64>) -> Self {
+        ListenMetrics { qos0_dropped_full, ..Self::default() }
+    }
+
     /// Device connections open now.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
@@ -77,6 +83,12 @@ impl ListenMetrics {
         t.push_str(&format!(
             "backhaul_edge_listen_protocol_errors_total {}\n",
             self.closed_by_error_total.load(Ordering::Relaxed)
+        ));
+        t.push_str("# HELP backhaul_edge_listen_qos0_dropped_total QoS 0 messages dropped: their stream was full (backpressure).\n");
+        t.push_str("# TYPE backhaul_edge_listen_qos0_dropped_total counter\n");
+        t.push_str(&format!(
+            "backhaul_edge_listen_qos0_dropped_total {}\n",
+            self.qos0_dropped_full.load(Ordering::Relaxed)
         ));
         t
     }

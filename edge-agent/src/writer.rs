@@ -30,6 +30,8 @@ use crate::route::Router;
 /// A segment this small holds only a gap batch (a gap frame is ~150 bytes), or so little that
 /// replacing it frees nothing: `drop_oldest` passes over it.
 const GAP_SEGMENT_BYTES_MAX: u64 = 512;
+/// What a batch adds to its records' raw bytes on disk, at most, for budget checks.
+const BATCH_ESTIMATE_OVERHEAD_BYTES: u64 = 256;
 /// How often retention and the slower gauges are looked at, µs.
 const HOUSEKEEPING_INTERVAL_US: u64 = 1_000_000;
 /// Attribute naming why a record was dead-lettered.
@@ -358,18 +360,24 @@ impl Writer {
         };
         self.metrics.add_received(self.mids[si], 1);
         let s = &self.streams[si];
-        if s.full && s.cfg.full_policy == FullPolicy::Backpressure {
-            if m.qos > 0 && self.conns[m.conn].refuse_when_full {
+        if s.cfg.full_policy == FullPolicy::Backpressure && m.qos > 0 && self.conns[m.conn].refuse_when_full {
+            // Refused before it is taken, also when it would not fit the budget with what
+            // waits to be appended: once taken, its ack would wait for room, and every later
+            // ack of the connection behind it (acks leave in order).
+            let waiting = s.builder.raw_len() as u64
+                + s.closed.iter().map(|(_, b)| b.raw_len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES).sum::<u64>();
+            let extra = waiting + m.payload.len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES;
+            if s.full || self.over_budget(si, extra).is_some() {
                 // Not taken: the device keeps it and retries.
                 self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::QuotaExceeded);
                 return;
             }
-            if m.qos == 0 && m.conn >= self.broker_conns {
-                // At most once by its own terms, and no ack to hold back: held, it would grow
-                // memory without bound while the disk is full.
-                self.qos0_dropped_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
+        }
+        if s.full && s.cfg.full_policy == FullPolicy::Backpressure && m.qos == 0 && m.conn >= self.broker_conns {
+            // At most once by its own terms, and no ack to hold back: held, it would grow
+            // memory without bound while the disk is full.
+            self.qos0_dropped_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
         }
         let rejected = if m.payload.len() as u64 > s.cfg.record_bytes_max.0 {
             Some((
@@ -465,7 +473,7 @@ impl Writer {
 
     fn append_closed(&mut self, si: usize, now_ms: i64) {
         while let Some((no, builder)) = self.streams[si].closed.front() {
-            let (no, estimate) = (*no, builder.raw_len() as u64 + 256);
+            let (no, estimate) = (*no, builder.raw_len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES);
             if let Some(why) = self.over_budget(si, estimate) {
                 let s = &self.streams[si];
                 if s.cfg.full_policy == FullPolicy::DropOldest && self.drop_oldest(si) {

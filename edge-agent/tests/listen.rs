@@ -728,3 +728,56 @@ fn connections_max_and_keep_alive_are_enforced() {
     let (_, ack) = Raw::connect(l, true, "three", PASSWORD, true);
     assert_eq!(ack, Got::ConnAck { code: 0, present: false });
 }
+
+#[test]
+fn a_full_stream_refuses_mqtt5_devices_with_quota_exceeded_and_holds_3_1_1_acks() {
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    // A stream budget of 16 KiB, uncompressed: about fifty 250-byte CDRs fit.
+    let config = listen_toml(l, "").replace(
+        "[streams.cdr]\nformat = \"json\"\n",
+        "[streams.cdr]\nformat = \"json\"\nzstd_level = 0\nsegment_bytes_max = \"4KiB\"\ndisk_budget_bytes = \"16KiB\"\n",
+    );
+    let agent = Agent::start(&config, data.path());
+    let (mut c, _) = Raw::connect(l, true, "v5-dev", PASSWORD, true);
+    let (mut stored, mut refused) = (Vec::new(), Vec::new());
+    for id in 1..=300u64 {
+        c.publish(1, id as u16, false, "cdr/full", &cdr(id));
+        match c.read(Duration::from_secs(10)) {
+            Got::PubAck { code: 0, .. } => stored.push(id),
+            Got::PubAck { code: 0x97, .. } => refused.push(id),
+            other => panic!("id {id}: {other:?}\n{}", agent.log_tail()),
+        }
+        if refused.len() >= 5 {
+            break;
+        }
+    }
+    assert!(refused.len() >= 5 && !stored.is_empty(), "stored {stored:?}, refused {refused:?}");
+    let ids = stored_ids(data.path());
+    assert!(stored.iter().all(|id| ids.get(id) == Some(&1)), "every id acked with success is stored once");
+    assert!(refused.iter().all(|id| !ids.contains_key(id)), "no refused id is stored");
+    // A 3.1.1 device cannot be told: its ack waits (the message stays with the device).
+    let (mut old, _) = Raw::connect(l, false, "v311-dev", PASSWORD, true);
+    old.publish(1, 1, false, "cdr/full", &cdr(10_000));
+    assert_eq!(old.read(Duration::from_secs(2)), Got::Closed, "no PUBACK while the stream is full");
+    assert!(agent.metrics().contains("backhaul_edge_listen_refused_total{reason=\"0x97\"}"), "{}", agent.metrics());
+}
+
+#[test]
+fn a_second_connection_with_the_same_client_id_takes_the_session_over() {
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    let _agent = Agent::start(&listen_toml(l, ""), data.path());
+    let (mut first, _) = Raw::connect(l, true, "same-id", PASSWORD, false);
+    first.publish(2, 3, false, "cdr/a", &cdr(1));
+    assert_eq!(first.read(Duration::from_secs(5)), Got::PubRec { pkid: 3, code: 0 });
+    let (mut second, ack) = Raw::connect(l, true, "same-id", PASSWORD, false);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: true }, "the session moved over");
+    assert_eq!(first.read(Duration::from_secs(5)), Got::Disconnect { code: 0x8E });
+    // Packet id 3 is still held in the session: the resend is answered, not stored.
+    second.publish(2, 3, true, "cdr/a", &cdr(1));
+    assert_eq!(second.read(Duration::from_secs(5)), Got::PubRec { pkid: 3, code: 0 });
+    second.pubrel(3);
+    assert_eq!(second.read(Duration::from_secs(5)), Got::PubComp { pkid: 3, code: 0 });
+    assert_eq!(stored_ids(data.path()).get(&1), Some(&1));
+}

@@ -743,9 +743,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 }
                 ack = ack_rx.recv() => {
                     let Some(ack) = ack else { break 'conn Ok(()) };
-                    push_ack(&mut session, ack, version, &mut out);
+                    push_ack(&mut session, ack, version, &shared.metrics, &mut out);
                     while let Ok(ack) = ack_rx.try_recv() {
-                        push_ack(&mut session, ack, version, &mut out);
+                        push_ack(&mut session, ack, version, &shared.metrics, &mut out);
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -760,7 +760,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 _ = shutdown.wait_for(|s| *s) => {
                     // The writer released its last acks before the shutdown signal.
                     while let Ok(ack) = ack_rx.try_recv() {
-                        push_ack(&mut session, ack, version, &mut out);
+                        push_ack(&mut session, ack, version, &shared.metrics, &mut out);
                     }
                     close_with(version, Reason::ServerShuttingDown, &mut out);
                     break 'conn Ok(());
@@ -898,8 +898,13 @@ async fn handle_packet(
     }
 }
 
-fn push_ack(session: &mut ConnSession, ack: Ack, version: Version, out: &mut BytesMut) {
+fn push_ack(session: &mut ConnSession, ack: Ack, version: Version, metrics: &ListenMetrics, out: &mut BytesMut) {
     if let Some(o) = session.handle_durable(ack.pkid, ack.outcome) {
+        if let Out::PubAck(_, r) | Out::PubRec(_, r) = o
+            && r != Reason::Success
+        {
+            metrics.refuse(r);
+        }
         encode(version, o, out);
     }
 }

@@ -29,6 +29,12 @@ use crate::writer::{Ack, ConnInfo, Incoming, Input};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 16 << 10;
+/// Bytes asked per read before the CONNECT is accepted: a connection that never sends one
+/// costs little.
+const CONNECT_CHUNK_BYTES: usize = 1 << 10;
+/// Connections accepted beyond `connections_max` while they have not sent their CONNECT (so
+/// that one more can be told "quota exceeded"); above it, a new socket is closed at once.
+const CONNECTING_MAX: usize = 1024;
 /// How long, and how many bytes, a closing connection reads and drops (see `linger`).
 const LINGER: Duration = Duration::from_millis(200);
 const LINGER_BYTES_MAX: usize = 1 << 20;
@@ -244,18 +250,38 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
                 continue;
             }
         };
+        if shared.metrics.connections() >= shared.config.connections_max + CONNECTING_MAX {
+            shared.metrics.closed_by_error_total.fetch_add(1, Ordering::Relaxed);
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            // Counted until the task ends, however it ends.
+            let _counted = Counted::new(&shared.metrics);
             let result = serve_transport(tcp, tls, &shared).await;
-            shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
             if let Err(why) = result {
                 shared.metrics.closed_by_error_total.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, reason = %why, "device connection closed");
             }
         });
+    }
+}
+
+struct Counted<'a>(&'a ListenMetrics);
+
+impl<'a> Counted<'a> {
+    fn new(m: &'a ListenMetrics) -> Self {
+        m.connections.fetch_add(1, Ordering::Relaxed);
+        Counted(m)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -598,7 +624,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
             Err(DecodeError::Incomplete) => {}
             other => return other.map(Some),
         }
-        buf.reserve(READ_CHUNK_BYTES);
+        buf.reserve(CONNECT_CHUNK_BYTES);
         match r.read_buf(buf).await {
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
@@ -609,7 +635,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, shared: &Shared) -> Result<(), String> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let max = usize::try_from(shared.config.packet_bytes_max.0).unwrap_or(usize::MAX);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut buf = BytesMut::with_capacity(CONNECT_CHUNK_BYTES);
     let first = tokio::time::timeout(
         shared.config.connect_timeout.duration(),
         read_packet(&mut rd, &mut buf, |b| decode_connect(b, max)),
@@ -729,16 +755,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 }
             }
             let paused = session.reading_paused();
+            // read_buf reads nothing into a full buffer (and that would look like EOF).
+            if buf.capacity() - buf.len() < CONNECT_CHUNK_BYTES {
+                buf.reserve(READ_CHUNK_BYTES);
+            }
             tokio::select! {
                 n = rd.read_buf(&mut buf), if !paused => {
                     match n {
                         Ok(0) => break 'conn Err("closed by the device without DISCONNECT".into()),
                         Err(e) => break 'conn Err(format!("read: {e}")),
-                        Ok(_) => {
-                            if buf.capacity() - buf.len() < 1024 {
-                                buf.reserve(READ_CHUNK_BYTES);
-                            }
-                        }
+                        Ok(_) => {}
                     }
                 }
                 ack = ack_rx.recv() => {
@@ -953,4 +979,68 @@ fn tls_config(config: &ListenConfig) -> anyhow::Result<rustls::ServerConfig> {
 
 fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode_all(bytes: &[u8], max: usize) {
+        let mut buf = BytesMut::from(bytes);
+        let _ = decode_connect(&mut buf, max);
+        for version in [Version::V311, Version::V5] {
+            let mut buf = BytesMut::from(bytes);
+            // Each call consumes a packet or fails; a bounded number of rounds either way.
+            for _ in 0..64 {
+                match decode(version, &mut buf, max) {
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// rumqttc's decoders, as this driver calls them, never panic on any bytes.
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            decode_all(&bytes, 256);
+        }
+
+        /// Nor on bytes that start like real packets (a valid fixed header of each type).
+        #[test]
+        fn decoding_packet_shaped_bytes_never_panics(
+            kind in 1u8..16,
+            flags in 0u8..16,
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut bytes = vec![(kind << 4) | flags];
+            let mut len = body.len();
+            loop {
+                let mut b = (len % 128) as u8;
+                len /= 128;
+                if len > 0 {
+                    b |= 0x80;
+                }
+                bytes.push(b);
+                if len == 0 {
+                    break;
+                }
+            }
+            bytes.extend_from_slice(&body);
+            decode_all(&bytes, 1024);
+        }
+    }
+
+    #[test]
+    fn a_packet_above_the_bound_is_refused_from_its_header() {
+        // A PUBLISH announcing 1 MiB, of which only the header arrived.
+        let mut buf = BytesMut::from(&[0x30u8, 0x80, 0x80, 0x40][..]);
+        assert!(matches!(decode(Version::V311, &mut buf, 4096), Err(DecodeError::TooLarge(_))));
+        let mut buf = BytesMut::from(&[0x30u8, 0x80, 0x80, 0x40][..]);
+        assert!(matches!(decode(Version::V5, &mut buf, 4096), Err(DecodeError::TooLarge(_))));
+    }
 }

@@ -42,9 +42,10 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         }
         Command::Validate(args) => match Config::load(&args.config) {
             Ok(c) => {
+                let listeners = c.listen.as_ref().map_or(0, |l| l.tcp.len() + l.tls.len());
                 writeln!(
                     out,
-                    "{}: ok ({} streams, {} broker connections)",
+                    "{}: ok ({} streams, {} broker connections, {listeners} device listeners)",
                     args.config.display(),
                     c.streams.len(),
                     c.brokers.len()

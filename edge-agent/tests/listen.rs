@@ -781,3 +781,20 @@ fn a_second_connection_with_the_same_client_id_takes_the_session_over() {
     assert_eq!(second.read(Duration::from_secs(5)), Got::PubComp { pkid: 3, code: 0 });
     assert_eq!(stored_ids(data.path()).get(&1), Some(&1));
 }
+
+#[test]
+fn sigterm_sends_the_last_acks_then_disconnects_devices_and_exits_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    // A long linger: the message is still in its open batch when SIGTERM comes.
+    let config = listen_toml(l, "").replace("fsync_interval = \"5ms\"", "fsync_interval = \"5ms\"\nlinger = \"10s\"");
+    let mut agent = Agent::start(&config, data.path());
+    let (mut c, _) = Raw::connect(l, true, "leaving", PASSWORD, true);
+    c.publish(1, 1, false, "cdr/a", &cdr(1));
+    assert_eq!(c.read(Duration::from_millis(500)), Got::Closed, "no ack before the linger");
+    let status = agent.sigterm_and_wait();
+    assert!(status.success(), "exit status {status}\n{}", agent.log_tail());
+    assert_eq!(c.read(Duration::from_secs(5)), Got::PubAck { pkid: 1, code: 0 }, "flushed, synced, acked");
+    assert_eq!(c.read(Duration::from_secs(5)), Got::Disconnect { code: 0x8B }, "server shutting down");
+    assert_eq!(stored_ids(data.path()).get(&1), Some(&1));
+}

@@ -33,7 +33,7 @@ use crate::mosquitto::{self, Mosquitto, free_port};
 use crate::mqtt::{Publisher, STALL_TIMEOUT, Subscriber};
 use crate::payload::{Message, MessageSet};
 use crate::process::{CpuClock, Proc};
-use crate::prom::Exposition;
+use crate::prom::{self, Bucket, Exposition};
 
 /// The stream, and the filter routed to it.
 const STREAM: &str = "cdr";
@@ -152,8 +152,11 @@ pub async fn run(args: ListenIngestArgs) -> anyhow::Result<Vec<String>> {
     let n = args.devices[0];
     let latency_messages = ((rate * args.latency_seconds as f64) as usize).clamp(1, messages.len());
     let lat_messages: Arc<[Message]> = messages[..latency_messages].to_vec().into();
+    let ack_before = agent.ack_buckets().await?;
     let agent_lat =
         paced_latency(agent.listen.port(), n, &lat_messages, rate, args.inflight, packet_bytes_max, "agent").await?;
+    let ack_buckets = prom::bucket_delta(&agent.ack_buckets().await?, &ack_before);
+    let inside = (prom::quantile(&ack_buckets, 0.5), prom::quantile(&ack_buckets, 0.99));
     let broker_lat =
         paced_latency(broker.port, n, &lat_messages, rate, args.inflight, packet_bytes_max, "peer").await?;
     let peak_rss = rss_kib(agent.proc.pid(), "VmHWM")?;
@@ -202,6 +205,12 @@ pub async fn run(args: ListenIngestArgs) -> anyhow::Result<Vec<String>> {
             l.max * 1e3
         );
     }
+    let ms = |q: Option<f64>| q.map_or("-".to_string(), |v| format!("{:.1}", v * 1e3));
+    println!(
+        "inside the agent (receive -> ack released, its histogram, bucket-interpolated): p50 {} ms, p99 {} ms",
+        ms(inside.0),
+        ms(inside.1)
+    );
     println!(
         "agent RSS: idle {:.1} MiB (ready, no device), peak {:.1} MiB",
         idle_rss as f64 / 1024.0,
@@ -464,6 +473,12 @@ full_policy = "backpressure"
         e.value("backhaul_edge_records_appended_total", &format!("stream=\"{STREAM}\""))
             .map(|v| v as u64)
             .context("no appended count in /metrics")
+    }
+
+    /// The agent's receive → ack histogram now.
+    async fn ack_buckets(&self) -> anyhow::Result<Vec<Bucket>> {
+        let (_, body) = http_get(self.admin, "/metrics").await?;
+        Ok(Exposition::parse(&body)?.buckets("backhaul_edge_receive_to_ack_seconds"))
     }
 
     /// SIGTERM, then `edge-agent log verify`: (clean exit and verify ok, verify's output).

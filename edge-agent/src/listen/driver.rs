@@ -768,7 +768,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                     }
                 }
                 ack = ack_rx.recv() => {
-                    let Some(ack) = ack else { break 'conn Ok(()) };
+                    let Some(ack) = ack else {
+                        // The writer stopped (shutdown) after releasing its last acks.
+                        close_with(version, Reason::ServerShuttingDown, &mut out);
+                        break 'conn Ok(());
+                    };
                     push_ack(&mut session, ack, version, &shared.metrics, &mut out);
                     while let Ok(ack) = ack_rx.try_recv() {
                         push_ack(&mut session, ack, version, &shared.metrics, &mut out);

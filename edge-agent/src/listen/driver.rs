@@ -755,6 +755,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 }
             }
             let paused = session.reading_paused();
+            if paused {
+                // The device waits for our acks: its keep-alive starts again when we read.
+                deadline = tokio::time::Instant::now() + keep_alive;
+            }
             // read_buf reads nothing into a full buffer (and that would look like EOF).
             if buf.capacity() - buf.len() < CONNECT_CHUNK_BYTES {
                 buf.reserve(READ_CHUNK_BYTES);
@@ -778,7 +782,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                         push_ack(&mut session, ack, version, &shared.metrics, &mut out);
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                // While reading is paused the silence is ours, not the device's.
+                _ = tokio::time::sleep_until(deadline), if !paused => {
                     close_with(version, Reason::KeepAliveTimeout, &mut out);
                     break 'conn Err("keep-alive timeout".into());
                 }

@@ -426,6 +426,16 @@ fn oversized_packets_garbage_and_silence_close_only_their_own_connection() {
     junk.send(&[0x30, 0x04, 0x00, 0x09, b'a', b'b']); // a PUBLISH whose topic overruns the packet
     assert_eq!(junk.read(Duration::from_secs(5)), Got::Disconnect { code: 0x81 });
 
+    // MQTT 3.1 ("MQIsdp", level 3): CONNACK 1, unacceptable protocol level.
+    let mut old = Raw::tcp(l, false);
+    let mut connect = vec![0x10, 0x12, 0x00, 0x06];
+    connect.extend_from_slice(b"MQIsdp");
+    connect.extend_from_slice(&[0x03, 0x02, 0x00, 0x3c, 0x00, 0x04]);
+    connect.extend_from_slice(b"mq31");
+    old.send(&connect);
+    assert_eq!(old.read(Duration::from_secs(5)), Got::ConnAck { code: 1, present: false });
+    assert_eq!(old.read(Duration::from_secs(5)), Got::Closed);
+
     // Slowloris: a connection that never sends its CONNECT is closed after connect_timeout.
     let mut silent = Raw::tcp(l, true);
     let started = Instant::now();

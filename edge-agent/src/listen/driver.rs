@@ -328,6 +328,8 @@ enum DecodeError {
     Incomplete,
     TooLarge(usize),
     Malformed(String),
+    /// A CONNECT of another protocol version (MQTT 3.1, or an unknown level).
+    Unsupported(String),
 }
 
 fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, DecodeError> {
@@ -426,7 +428,8 @@ fn decode_connect(buf: &mut BytesMut, max: usize) -> Result<In, DecodeError> {
                 Err(e) => Err(DecodeError::Malformed(e.to_string())),
             }
         }
-        Err(E5::InvalidProtocolLevel(n)) => Err(DecodeError::Malformed(format!("unsupported protocol level {n}"))),
+        Err(E5::InvalidProtocolLevel(n)) => Err(DecodeError::Unsupported(format!("protocol level {n}"))),
+        Err(E5::InvalidProtocol) => Err(DecodeError::Unsupported("protocol name other than MQTT (MQTT 3.1?)".into())),
         Err(e) => Err(DecodeError::Malformed(e.to_string())),
     }
 }
@@ -563,7 +566,8 @@ fn connack(version: Version, result: &Result<Accepted, Reason>, limits: &Limits,
                 session_expiry_interval: Some(a.session_expiry_s),
                 receive_max: Some(limits.inflight_max),
                 max_qos: None,
-                retain_available: Some(0),
+                // Retained PUBLISHes are taken as any other (nothing here serves subscribers).
+                retain_available: None,
                 max_packet_size: Some(u32::try_from(max).unwrap_or(u32::MAX)),
                 assigned_client_identifier: a.assigned.then(|| a.client_id.clone()),
                 topic_alias_max: Some(0),
@@ -648,6 +652,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
         Ok(Ok(Some(_))) => unreachable!("decode_connect gives only CONNECT"),
         Ok(Err(DecodeError::TooLarge(n))) => return Err(format!("CONNECT of {n} bytes above packet_bytes_max")),
         Ok(Err(DecodeError::Malformed(e))) => return Err(format!("bad CONNECT: {e}")),
+        Ok(Err(DecodeError::Unsupported(what))) => {
+            // MQTT 3.1.1 (3.1.2.2): CONNACK 0x01 "unacceptable protocol level", then close.
+            shared.metrics.refuse(Reason::UnsupportedProtocolVersion);
+            let mut out = BytesMut::new();
+            connack(Version::V311, &Err(Reason::UnsupportedProtocolVersion), &shared.limits, max, &mut out);
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+            linger(&mut rd).await;
+            return Err(format!("unsupported CONNECT: {what}"));
+        }
         Ok(Err(DecodeError::Incomplete)) => return Err("closed inside CONNECT".into()),
     };
     let version = req.version;
@@ -741,7 +755,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                     close_with(version, Reason::PacketTooLarge, &mut out);
                     break 'conn Err(format!("packet of {n} bytes above packet_bytes_max"));
                 }
-                Err(DecodeError::Malformed(e)) => {
+                Err(DecodeError::Malformed(e) | DecodeError::Unsupported(e)) => {
                     close_with(version, Reason::MalformedPacket, &mut out);
                     break 'conn Err(format!("malformed packet: {e}"));
                 }

@@ -134,12 +134,14 @@ pub async fn run(args: ListenIngestArgs) -> anyhow::Result<Vec<String>> {
 
     let mut failures = Vec::new();
     let mut rows = Vec::new();
+    let mut appended_ok = 0u64;
     for &n in &args.devices {
         let peer = peer_throughput(&broker, n, &messages, &args, clock, packet_bytes_max).await.context("peer run")?;
         tracing::info!(devices = n, rate = args.messages as f64 / peer.wall_seconds, "peer run done");
         let before = agent.appended().await?;
         let mine = agent_throughput(&agent, n, &messages, &args, clock, packet_bytes_max).await.context("agent run")?;
         let appended = agent.appended().await? - before;
+        appended_ok += u64::from(appended == args.messages);
         if appended != args.messages {
             failures.push(format!("{n} devices: the agent appended {appended} of {}", args.messages));
         }
@@ -161,9 +163,9 @@ pub async fn run(args: ListenIngestArgs) -> anyhow::Result<Vec<String>> {
         paced_latency(broker.port, n, &lat_messages, rate, args.inflight, packet_bytes_max, "peer").await?;
     let peak_rss = rss_kib(agent.proc.pid(), "VmHWM")?;
     let config = agent.config.clone();
-    let verify = agent.stop_and_verify().await?;
-    if !verify.0 {
-        failures.push(format!("edge-agent log verify failed:\n{}", verify.1));
+    let (agent_exit, verify_exit, verify_out) = agent.stop_and_verify().await?;
+    if agent_exit != 0 || verify_exit != 0 {
+        failures.push(format!("edge-agent exit {agent_exit}, log verify exit {verify_exit}:\n{verify_out}"));
     }
     let broker_conf = broker.conf.clone();
     broker.stop().context("stopping mosquitto")?;
@@ -216,6 +218,21 @@ pub async fn run(args: ListenIngestArgs) -> anyhow::Result<Vec<String>> {
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
+    // One line for scripts and tests.
+    let mut result = format!(
+        "RESULT messages={} appended_ok={appended_ok} agent_exit={agent_exit} log_verify_exit={verify_exit}",
+        args.messages
+    );
+    for (peer, mine) in &rows {
+        let (pr, ar) = (args.messages as f64 / peer.wall_seconds, args.messages as f64 / mine.wall_seconds);
+        result.push_str(&format!(" peer_msg_per_s_{0}={pr:.0} agent_msg_per_s_{0}={ar:.0}", peer.devices));
+    }
+    result.push_str(&format!(
+        " latency_acked={} latency_p99_ms={:.2} idle_rss_kib={idle_rss} peak_rss_kib={peak_rss}",
+        agent_lat.acked,
+        agent_lat.p99 * 1e3
+    ));
+    println!("{result}");
     if args.keep {
         println!("kept: {}", dir.display());
     }
@@ -481,10 +498,11 @@ full_policy = "backpressure"
         Ok(Exposition::parse(&body)?.buckets("backhaul_edge_receive_to_ack_seconds"))
     }
 
-    /// SIGTERM, then `edge-agent log verify`: (clean exit and verify ok, verify's output).
-    async fn stop_and_verify(self) -> anyhow::Result<(bool, String)> {
+    /// SIGTERM, then `edge-agent log verify`: the two exit codes (-1: by a signal) and
+    /// verify's output.
+    async fn stop_and_verify(self) -> anyhow::Result<(i32, i32, String)> {
         let (exit, verify, out) = self.proc.stop_and_verify(TIMEOUT, self.exe, self.data_dir).await?;
-        Ok((exit.success() && verify.success(), out))
+        Ok((exit.code().unwrap_or(-1), verify.code().unwrap_or(-1), out))
     }
 }
 

@@ -22,7 +22,8 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent: subscribe to the broker, log every message durably, then acknowledge it.
+    /// Run the agent: take MQTT from brokers (subscribe) and devices (listen), log every message
+    /// durably, then acknowledge it.
     Run(ConfigArgs),
     /// Check a config file and print every problem with its key; exit 1 if there is any.
     Validate(ConfigArgs),

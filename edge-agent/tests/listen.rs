@@ -808,3 +808,32 @@ fn sigterm_sends_the_last_acks_then_disconnects_devices_and_exits_cleanly() {
     assert_eq!(c.read(Duration::from_secs(5)), Got::Disconnect { code: 0x8B }, "server shutting down");
     assert_eq!(stored_ids(data.path()).get(&1), Some(&1));
 }
+
+#[test]
+fn paho_mqtt_devices_over_3_1_1_and_5_get_their_acks_and_reason_codes() {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/paho_client.py");
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    let _agent = Agent::start(&listen_toml(l, ""), data.path());
+    let o = Command::new("python3")
+        .args([SCRIPT, &l.port().to_string(), USER, PASSWORD])
+        .output()
+        .expect("python3 (paho-mqtt from PyPI: .ci/run installs it)");
+    assert!(o.status.success(), "{}", text(&o));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 7, "{}", text(&o));
+    for line in &lines {
+        let want = if line["payload"] == "not json" { 0x99 } else { 0 };
+        assert_eq!(line["rc"], want, "{line}");
+    }
+    let recs = read_stream(data.path(), "cdr");
+    let payloads: HashSet<String> =
+        recs.iter().map(|r| String::from_utf8_lossy(&r.record.payload).into_owned()).collect();
+    for name in ["v311", "v5"] {
+        for q in 0..3 {
+            assert!(payloads.contains(&format!("{{\"id\": \"{name}-q{q}\"}}")), "{name} QoS {q} in {payloads:?}");
+        }
+    }
+    assert_eq!(recs.len(), 6);
+}

@@ -450,6 +450,8 @@ fn oversized_packets_garbage_and_silence_close_only_their_own_connection() {
     // Meanwhile the good connection works as before.
     good.publish(1, 7, false, "cdr/a", &cdr(7));
     assert_eq!(good.read(Duration::from_secs(5)), Got::PubAck { pkid: 7, code: 0 });
+    good.publish(1, 10, false, "nowhere/x", b"{}");
+    assert_eq!(good.read(Duration::from_secs(5)), Got::PubAck { pkid: 10, code: 0x10 }, "no route: not stored");
     good.subscribe(8, "#");
     assert_eq!(good.read(Duration::from_secs(5)), Got::SubAck { codes: vec![0x87] });
     good.publish(1, 9, false, "cdr/+", b"{}");

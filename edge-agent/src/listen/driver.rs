@@ -514,6 +514,7 @@ fn puback_reason(r: Reason) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
     use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
     match r {
         Reason::Success => R::Success,
+        Reason::NoMatchingSubscribers => R::NoMatchingSubscribers,
         Reason::NotAuthorized => R::NotAuthorized,
         Reason::TopicNameInvalid => R::TopicNameInvalid,
         Reason::QuotaExceeded => R::QuotaExceeded,
@@ -527,6 +528,7 @@ fn pubrec_reason(r: Reason) -> rumqttc::v5::mqttbytes::v5::PubRecReason {
     use rumqttc::v5::mqttbytes::v5::PubRecReason as R;
     match r {
         Reason::Success => R::Success,
+        Reason::NoMatchingSubscribers => R::NoMatchingSubscribers,
         Reason::NotAuthorized => R::NotAuthorized,
         Reason::TopicNameInvalid => R::TopicNameInvalid,
         Reason::QuotaExceeded => R::QuotaExceeded,
@@ -892,7 +894,7 @@ async fn handle_packet(
             PublishAction::Ignore => Step::Go,
             PublishAction::Answer(o) => {
                 if let Out::PubAck(_, r) | Out::PubRec(_, r) = o
-                    && r != Reason::Success
+                    && r.code() >= 0x80
                 {
                     shared.metrics.refuse(r);
                 }
@@ -950,7 +952,7 @@ async fn handle_packet(
 fn push_ack(session: &mut ConnSession, ack: Ack, version: Version, metrics: &ListenMetrics, out: &mut BytesMut) {
     if let Some(o) = session.handle_durable(ack.pkid, ack.outcome) {
         if let Out::PubAck(_, r) | Out::PubRec(_, r) = o
-            && r != Reason::Success
+            && r.code() >= 0x80
         {
             metrics.refuse(r);
         }

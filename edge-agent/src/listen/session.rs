@@ -35,6 +35,8 @@ pub enum Version {
 pub enum Reason {
     /// 0x00
     Success = 0x00,
+    /// 0x10: accepted, but no route takes the topic (counted, not stored); not an error.
+    NoMatchingSubscribers = 0x10,
     /// 0x81
     MalformedPacket = 0x81,
     /// 0x82
@@ -283,7 +285,8 @@ impl ConnSession {
     pub fn handle_durable(&mut self, pkid: u16, outcome: Outcome) -> Option<Out> {
         let qos = self.inflight.remove(&pkid)?;
         let reason = match outcome {
-            Outcome::Stored | Outcome::Duplicate | Outcome::Unrouted => Reason::Success,
+            Outcome::Stored | Outcome::Duplicate => Reason::Success,
+            Outcome::Unrouted => Reason::NoMatchingSubscribers,
             Outcome::QuotaExceeded => Reason::QuotaExceeded,
             Outcome::PayloadInvalid => Reason::PayloadFormatInvalid,
             Outcome::TooLarge => Reason::ImplementationSpecificError,
@@ -292,7 +295,7 @@ impl ConnSession {
             Out::PubAck(pkid, reason)
         } else {
             // A refused QoS 2 exchange ends at the PUBREC (reason ≥ 0x80): nothing is held.
-            if reason == Reason::Success {
+            if reason.code() < 0x80 {
                 self.qos2_held.insert(pkid);
             }
             Out::PubRec(pkid, reason)
@@ -459,6 +462,9 @@ mod tests {
         assert_eq!(s.handle_durable(6, Outcome::Stored), None, "not in flight any more");
         assert_eq!(s.handle_publish(1, 7, false, "x"), PublishAction::Take { dup: false });
         assert_eq!(s.handle_durable(7, Outcome::PayloadInvalid), Some(Out::PubAck(7, Reason::PayloadFormatInvalid)));
+        assert_eq!(s.handle_publish(2, 8, false, "nowhere"), PublishAction::Take { dup: false });
+        assert_eq!(s.handle_durable(8, Outcome::Unrouted), Some(Out::PubRec(8, Reason::NoMatchingSubscribers)));
+        assert_eq!(s.handle_pubrel(8), Out::PubComp(8, Reason::Success), "0x10 is a success: the id is held");
         assert_eq!(s.handle_publish(0, 0, false, "x"), PublishAction::Take { dup: false });
         assert_eq!(s.inflight(), 0, "QoS 0 waits for nothing");
     }

@@ -86,14 +86,19 @@ impl Raw {
         Raw { s, buf: BytesMut::new(), v5 }
     }
 
-    /// Connects and returns the CONNACK.
+    /// Connects and returns the CONNACK (MQTT 5: session expiry 600 s).
     fn connect(addr: SocketAddr, v5: bool, id: &str, password: &str, clean: bool) -> (Raw, Got) {
+        Raw::connect_expiring(addr, v5, id, password, clean, 600)
+    }
+
+    /// [`Raw::connect`] with an MQTT 5 session expiry interval, s.
+    fn connect_expiring(addr: SocketAddr, v5: bool, id: &str, password: &str, clean: bool, expiry: u32) -> (Raw, Got) {
         let mut r = Raw::tcp(addr, v5);
         let mut out = BytesMut::new();
         if v5 {
             use rumqttc::v5::mqttbytes::v5::{Connect, ConnectProperties, Login, Packet};
             let mut props = ConnectProperties::new();
-            props.session_expiry_interval = Some(600);
+            props.session_expiry_interval = Some(expiry);
             let c = Connect { keep_alive: 30, client_id: id.into(), clean_start: clean, properties: Some(props) };
             Packet::Connect(c, None, Some(Login::new(USER, password))).write(&mut out, None).expect("CONNECT");
         } else {
@@ -838,4 +843,24 @@ fn paho_mqtt_devices_over_3_1_1_and_5_get_their_acks_and_reason_codes() {
         }
     }
     assert_eq!(recs.len(), 6);
+}
+
+#[test]
+fn an_mqtt5_session_ends_after_its_expiry_interval() {
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    let _agent = Agent::start(&listen_toml(l, ""), data.path());
+    let (c, _) = Raw::connect_expiring(l, true, "brief", PASSWORD, false, 2);
+    drop(c);
+    std::thread::sleep(Duration::from_millis(500));
+    let (c, ack) = Raw::connect_expiring(l, true, "brief", PASSWORD, false, 2);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: true }, "within the interval");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(2600));
+    let (c, ack) = Raw::connect_expiring(l, true, "brief", PASSWORD, false, 0);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: false }, "expired");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, ack) = Raw::connect_expiring(l, true, "brief", PASSWORD, false, 0);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: false }, "expiry 0: the session ends with the connection");
 }

@@ -1,10 +1,11 @@
 //! `edge-agent run`: wires the pieces and runs until `shutdown`.
 //!
 //! Threads and tasks: the writer on its own thread (it does the blocking file I/O and fsyncs);
-//! one task per broker connection and one for its PUBACKs; a ticker; the admin endpoint.
+//! one task per broker connection and one for its PUBACKs; with `[listen]`, the listeners and
+//! one task per device connection; a ticker; the admin endpoint.
 //! Shutdown: the writer flushes, syncs and releases its last acks; the connections send them
-//! and DISCONNECT; nothing acknowledged is lost and nothing durable goes unacknowledged
-//! longer than the broker's redelivery.
+//! and DISCONNECT (devices get MQTT 5 reason 0x8B); nothing acknowledged is lost and nothing
+//! durable goes unacknowledged longer than the broker's (or device's) redelivery.
 
 use std::future::Future;
 use std::sync::Arc;

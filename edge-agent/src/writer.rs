@@ -367,7 +367,8 @@ impl Writer {
             let waiting = s.builder.raw_len() as u64
                 + s.closed.iter().map(|(_, b)| b.raw_len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES).sum::<u64>();
             let extra = waiting + m.payload.len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES;
-            if s.full || self.over_budget(si, extra).is_some() {
+            let budgeted = s.cfg.disk_budget_bytes.is_some() || self.total_budget.is_some();
+            if s.full || (budgeted && self.over_budget(si, extra).is_some()) {
                 // Not taken: the device keeps it and retries.
                 self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::QuotaExceeded);
                 return;

@@ -274,7 +274,8 @@ impl ConnSession {
         if qos == 0 {
             return PublishAction::Take { dup: false };
         }
-        if self.inflight.len() >= usize::from(self.inflight_max) && self.version == Version::V5 {
+        // MQTT 5 (4.9): QoS 2 counts until its PUBCOMP, so the ids held count too.
+        if self.inflight.len() + self.qos2_held.len() >= usize::from(self.inflight_max) && self.version == Version::V5 {
             return PublishAction::Close(Reason::ReceiveMaximumExceeded);
         }
         self.inflight.insert(pkid, qos);
@@ -495,6 +496,15 @@ mod tests {
         assert!(matches!(s.handle_publish(2, 2, false, "t"), PublishAction::Take { .. }));
         assert!(!s.reading_paused());
         assert_eq!(s.handle_publish(1, 3, false, "t"), PublishAction::Close(Reason::ReceiveMaximumExceeded));
+        // A QoS 2 id PUBREC'd and not yet released still counts (MQTT 5, 4.9).
+        let mut s = ConnSession::new(Version::V5, 2, Stored::default(), None);
+        assert!(matches!(s.handle_publish(2, 1, false, "t"), PublishAction::Take { .. }));
+        s.handle_durable(1, Outcome::Stored);
+        assert!(matches!(s.handle_publish(1, 2, false, "t"), PublishAction::Take { .. }));
+        assert_eq!(s.handle_publish(1, 3, false, "t"), PublishAction::Close(Reason::ReceiveMaximumExceeded));
+        s.handle_pubrel(1);
+        s.handle_durable(2, Outcome::Stored);
+        assert!(matches!(s.handle_publish(1, 3, false, "t"), PublishAction::Take { .. }));
         let mut s = ConnSession::new(Version::V311, 2, Stored::default(), None);
         s.handle_publish(1, 1, false, "t");
         assert!(!s.reading_paused());

@@ -19,8 +19,8 @@ use crate::config::Config;
 use crate::forward::cursors::Cursors;
 use crate::forward::driver::{ForwardMetrics, ForwardParams, ForwardStream, drive_forwarder};
 use crate::ingest::driver::{ConnParams, drive_connection};
-use crate::listen::driver::{ListenMetrics, ListenParams, Listeners, drive_listeners};
-use crate::metrics::Metrics;
+use crate::listen::driver::{ListenParams, Listeners, drive_listeners};
+use crate::metrics::{ListenMetrics, Metrics};
 use crate::writer::{AckSender, ConnInfo, Input, Writer};
 use shared::admin::{self, AdminState, Health};
 

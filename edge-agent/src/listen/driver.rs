@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,7 @@ use super::session::{
     Accepted, ConnSession, ConnectRequest, Credential, Limits, Out, PublishAction, Reason, SessionStore, Version,
     handle_connect,
 };
+use crate::metrics::ListenMetrics;
 use crate::writer::{Ack, ConnInfo, Incoming, Input};
 
 /// Bytes asked of the socket per read.
@@ -40,65 +41,6 @@ const LINGER: Duration = Duration::from_millis(200);
 const LINGER_BYTES_MAX: usize = 1 << 20;
 /// How long a new connection waits for the one it takes over to close.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
-
-/// Counters of listen mode, rendered beside the agent's metrics.
-#[derive(Debug, Default)]
-pub struct ListenMetrics {
-    connections: AtomicUsize,
-    accepted_total: AtomicU64,
-    refused: Mutex<HashMap<u8, u64>>,
-    closed_by_error_total: AtomicU64,
-    qos0_dropped_full: Arc<AtomicU64>,
-}
-
-impl ListenMetrics {
-    /// Metrics that also show the writer's count of QoS 0 messages dropped on full streams.
-    pub fn new(qos0_dropped_full: Arc<AtomicU64>) -> Self {
-        ListenMetrics { qos0_dropped_full, ..Self::default() }
-    }
-
-    /// Device connections open now.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    fn refuse(&self, reason: Reason) {
-        *lock(&self.refused).entry(reason.code()).or_default() += 1;
-    }
-
-    /// Prometheus text.
-    pub fn render(&self) -> String {
-        let mut t = String::new();
-        t.push_str("# HELP backhaul_edge_listen_connections Device connections open now (listen mode).\n");
-        t.push_str("# TYPE backhaul_edge_listen_connections gauge\n");
-        t.push_str(&format!("backhaul_edge_listen_connections {}\n", self.connections()));
-        t.push_str("# HELP backhaul_edge_listen_accepted_total Device CONNECTs accepted.\n");
-        t.push_str("# TYPE backhaul_edge_listen_accepted_total counter\n");
-        t.push_str(&format!("backhaul_edge_listen_accepted_total {}\n", self.accepted_total.load(Ordering::Relaxed)));
-        t.push_str("# HELP backhaul_edge_listen_refused_total Refusals sent to devices, by MQTT 5 reason code.\n");
-        t.push_str("# TYPE backhaul_edge_listen_refused_total counter\n");
-        let mut refused: Vec<(u8, u64)> = lock(&self.refused).iter().map(|(k, v)| (*k, *v)).collect();
-        refused.sort_unstable();
-        for (code, n) in refused {
-            t.push_str(&format!("backhaul_edge_listen_refused_total{{reason=\"0x{code:02x}\"}} {n}\n"));
-        }
-        t.push_str(
-            "# HELP backhaul_edge_listen_protocol_errors_total Connections closed for bad bytes, size or timeouts.\n",
-        );
-        t.push_str("# TYPE backhaul_edge_listen_protocol_errors_total counter\n");
-        t.push_str(&format!(
-            "backhaul_edge_listen_protocol_errors_total {}\n",
-            self.closed_by_error_total.load(Ordering::Relaxed)
-        ));
-        t.push_str("# HELP backhaul_edge_listen_qos0_dropped_total QoS 0 messages dropped: their stream was full (backpressure).\n");
-        t.push_str("# TYPE backhaul_edge_listen_qos0_dropped_total counter\n");
-        t.push_str(&format!(
-            "backhaul_edge_listen_qos0_dropped_total {}\n",
-            self.qos0_dropped_full.load(Ordering::Relaxed)
-        ));
-        t
-    }
-}
 
 /// The bound listeners, before they serve.
 pub struct Listeners {
@@ -251,7 +193,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             }
         };
         if shared.metrics.connections() >= shared.config.connections_max + CONNECTING_MAX {
-            shared.metrics.closed_by_error_total.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.add_protocol_error();
             drop(tcp);
             continue;
         }
@@ -263,7 +205,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             let _counted = Counted::new(&shared.metrics);
             let result = serve_transport(tcp, tls, &shared).await;
             if let Err(why) = result {
-                shared.metrics.closed_by_error_total.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.add_protocol_error();
                 tracing::debug!(%peer, reason = %why, "device connection closed");
             }
         });
@@ -274,14 +216,14 @@ struct Counted<'a>(&'a ListenMetrics);
 
 impl<'a> Counted<'a> {
     fn new(m: &'a ListenMetrics) -> Self {
-        m.connections.fetch_add(1, Ordering::Relaxed);
+        m.connection_opened();
         Counted(m)
     }
 }
 
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.connection_closed();
     }
 }
 
@@ -656,7 +598,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
         Ok(Err(DecodeError::Malformed(e))) => return Err(format!("bad CONNECT: {e}")),
         Ok(Err(DecodeError::Unsupported(what))) => {
             // MQTT 3.1.1 (3.1.2.2): CONNACK 0x01 "unacceptable protocol level", then close.
-            shared.metrics.refuse(Reason::UnsupportedProtocolVersion);
+            shared.metrics.refuse(Reason::UnsupportedProtocolVersion.code());
             let mut out = BytesMut::new();
             connack(Version::V311, &Err(Reason::UnsupportedProtocolVersion), &shared.limits, max, &mut out);
             let _ = wr.write_all(&out).await;
@@ -688,7 +630,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
     let mut out = BytesMut::new();
     let accepted = match probe {
         Err(reason) => {
-            shared.metrics.refuse(reason);
+            shared.metrics.refuse(reason.code());
             connack(version, &Err(reason), &shared.limits, max, &mut out);
             let _ = wr.write_all(&out).await;
             let _ = wr.shutdown().await;
@@ -728,7 +670,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
     };
     let attached =
         shared.writer.send(Input::Attach { conn, info, clean: req.clean_start, acks: Some(ack_tx) }).await.is_ok();
-    shared.metrics.accepted_total.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.add_accepted();
     connack(version, &Ok(accepted.clone()), &shared.limits, max, &mut out);
 
     let keep_alive = Duration::from_millis(u64::from(accepted.keep_alive_s) * 1500);
@@ -753,7 +695,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 Ok(p) => Some(p),
                 Err(DecodeError::Incomplete) => None,
                 Err(DecodeError::TooLarge(n)) => {
-                    shared.metrics.refuse(Reason::PacketTooLarge);
+                    shared.metrics.refuse(Reason::PacketTooLarge.code());
                     close_with(version, Reason::PacketTooLarge, &mut out);
                     break 'conn Err(format!("packet of {n} bytes above packet_bytes_max"));
                 }
@@ -896,13 +838,13 @@ async fn handle_packet(
                 if let Out::PubAck(_, r) | Out::PubRec(_, r) = o
                     && r.code() >= 0x80
                 {
-                    shared.metrics.refuse(r);
+                    shared.metrics.refuse(r.code());
                 }
                 encode(version, o, out);
                 Step::Go
             }
             PublishAction::Close(r) => {
-                shared.metrics.refuse(r);
+                shared.metrics.refuse(r.code());
                 close_with(version, r, out);
                 Step::Stop(Err(format!("PUBLISH refused: {r:?}")))
             }
@@ -912,7 +854,7 @@ async fn handle_packet(
             Step::Go
         }
         In::Subscribe(pkid, n) => {
-            shared.metrics.refuse(Reason::NotAuthorized);
+            shared.metrics.refuse(Reason::NotAuthorized.code());
             encode_suback_count(version, pkid, n, out);
             Step::Go
         }
@@ -954,7 +896,7 @@ fn push_ack(session: &mut ConnSession, ack: Ack, version: Version, metrics: &Lis
         if let Out::PubAck(_, r) | Out::PubRec(_, r) = o
             && r.code() >= 0x80
         {
-            metrics.refuse(r);
+            metrics.refuse(r.code());
         }
         encode(version, o, out);
     }

@@ -27,8 +27,8 @@ pub struct ListenConfig {
     /// CA (PEM) that signs device certificates. Set: TLS listeners require a client
     /// certificate chained to it, and such a device needs no password.
     pub client_ca_file: Option<PathBuf>,
-    /// Whether a device may connect without credentials (and, on TLS with `client_ca_file`,
-    /// without a certificate is impossible anyway). Default false.
+    /// Whether a device may connect without a password (on TLS with `client_ca_file` every
+    /// device has a certificate anyway). Default false.
     #[serde(default)]
     pub allow_anonymous: bool,
     /// Devices and their password hashes (`edge-agent passwd` makes one).

@@ -386,8 +386,8 @@ fn encode(version: Version, out: Out, buf: &mut BytesMut) {
                 Out::PubAck(pkid, _) => PubAck::new(pkid).write(buf),
                 Out::PubRec(pkid, _) => PubRec::new(pkid).write(buf),
                 Out::PubComp(pkid, _) => PubComp::new(pkid).write(buf),
-                Out::SubAck(pkid, _) => SubAck::new(pkid, vec![SubscribeReasonCode::Failure]).write(buf),
-                Out::UnsubAck(pkid) => UnsubAck::new(pkid).write(buf),
+                Out::SubAck(pkid, _, n) => SubAck::new(pkid, vec![SubscribeReasonCode::Failure; n]).write(buf),
+                Out::UnsubAck(pkid, _) => UnsubAck::new(pkid).write(buf),
                 Out::PingResp => rumqttc::mqttbytes::v4::PingResp.write(buf),
             }
             .map_err(|_| ())
@@ -410,17 +410,17 @@ fn encode(version: Version, out: Out, buf: &mut BytesMut) {
                     },
                     properties: None,
                 }),
-                Out::SubAck(pkid, _) => v5::Packet::SubAck(v5::SubAck {
+                Out::SubAck(pkid, _, n) => v5::Packet::SubAck(v5::SubAck {
                     pkid,
-                    return_codes: vec![v5::SubscribeReasonCode::NotAuthorized],
+                    return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; n],
                     properties: Some(v5::SubAckProperties {
                         reason_string: Some("this agent takes PUBLISH only; it is not a broker".into()),
                         user_properties: Vec::new(),
                     }),
                 }),
-                Out::UnsubAck(pkid) => v5::Packet::UnsubAck(v5::UnsubAck {
+                Out::UnsubAck(pkid, n) => v5::Packet::UnsubAck(v5::UnsubAck {
                     pkid,
-                    reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted],
+                    reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; n.max(1)],
                     properties: None,
                 }),
                 Out::PingResp => v5::Packet::PingResp(v5::PingResp),
@@ -428,28 +428,6 @@ fn encode(version: Version, out: Out, buf: &mut BytesMut) {
             packet.write(buf, None).map_err(|_| ())
         }
     };
-}
-
-fn encode_suback_count(version: Version, pkid: u16, n: usize, buf: &mut BytesMut) {
-    // A SUBACK has one code per filter.
-    match version {
-        Version::V311 => {
-            use rumqttc::mqttbytes::v4::{SubAck, SubscribeReasonCode};
-            let _ = SubAck::new(pkid, vec![SubscribeReasonCode::Failure; n.max(1)]).write(buf);
-        }
-        Version::V5 => {
-            use rumqttc::v5::mqttbytes::v5;
-            let _ = v5::Packet::SubAck(v5::SubAck {
-                pkid,
-                return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; n.max(1)],
-                properties: Some(v5::SubAckProperties {
-                    reason_string: Some("this agent takes PUBLISH only; it is not a broker".into()),
-                    user_properties: Vec::new(),
-                }),
-            })
-            .write(buf, None);
-        }
-    }
 }
 
 fn puback_reason(r: Reason) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
@@ -854,23 +832,15 @@ async fn handle_packet(
             Step::Go
         }
         In::Subscribe(pkid, n) => {
-            shared.metrics.refuse(Reason::NotAuthorized.code());
-            encode_suback_count(version, pkid, n, out);
+            let suback = session.handle_subscribe(pkid, n);
+            if let Out::SubAck(_, r, _) = suback {
+                shared.metrics.refuse(r.code());
+            }
+            encode(version, suback, out);
             Step::Go
         }
         In::Unsubscribe(pkid, n) => {
-            match version {
-                Version::V311 => encode(version, Out::UnsubAck(pkid), out),
-                Version::V5 => {
-                    use rumqttc::v5::mqttbytes::v5;
-                    let _ = v5::Packet::UnsubAck(v5::UnsubAck {
-                        pkid,
-                        reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; n.max(1)],
-                        properties: None,
-                    })
-                    .write(out, None);
-                }
-            }
+            encode(version, Out::UnsubAck(pkid, n), out);
             Step::Go
         }
         In::PingReq => {

@@ -191,10 +191,10 @@ pub enum Out {
     PubRec(u16, Reason),
     /// PUBCOMP with a reason.
     PubComp(u16, Reason),
-    /// SUBACK: every filter refused with the reason.
-    SubAck(u16, Reason),
-    /// UNSUBACK (there is never a subscription to remove).
-    UnsubAck(u16),
+    /// SUBACK: each of the packet's filters (the count) refused with the reason.
+    SubAck(u16, Reason, usize),
+    /// UNSUBACK for that many filters (there is never a subscription to remove).
+    UnsubAck(u16, usize),
     /// PINGRESP.
     PingResp,
 }
@@ -312,9 +312,10 @@ impl ConnSession {
         }
     }
 
-    /// A SUBSCRIBE: always refused, the agent ingests and delivers nothing.
-    pub fn handle_subscribe(&self, pkid: u16) -> Out {
-        Out::SubAck(pkid, Reason::NotAuthorized)
+    /// A SUBSCRIBE of `filters` topic filters: always refused, the agent ingests and
+    /// delivers nothing.
+    pub fn handle_subscribe(&self, pkid: u16, filters: usize) -> Out {
+        Out::SubAck(pkid, Reason::NotAuthorized, filters.max(1))
     }
 
     /// Whether the shell should stop reading: a 3.1.1 device at its inflight limit waits for
@@ -530,7 +531,7 @@ mod tests {
             PublishAction::Answer(Out::PubRec(2, Reason::NotAuthorized))
         );
         assert_eq!(s.handle_publish(1, 3, false, "cdr/a"), PublishAction::Take { dup: false });
-        assert_eq!(s.handle_subscribe(4), Out::SubAck(4, Reason::NotAuthorized));
+        assert_eq!(s.handle_subscribe(4, 2), Out::SubAck(4, Reason::NotAuthorized, 2));
         let mut s = ConnSession::new(Version::V311, 10, Stored::default(), Some(&acl));
         assert_eq!(s.handle_publish(1, 1, false, "other"), PublishAction::Close(Reason::NotAuthorized));
     }

@@ -22,12 +22,17 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent: subscribe to the broker, log every message durably, then acknowledge it.
+    /// Run the agent: take MQTT from brokers (subscribe) and devices (listen), log every message
+    /// durably, then acknowledge it.
     Run(ConfigArgs),
     /// Check a config file and print every problem with its key; exit 1 if there is any.
     Validate(ConfigArgs),
     /// Ask a running agent (at its admin.listen) how it is doing.
     Status(ConfigArgs),
+    /// Make a password hash for a `[[listen.user]]` (reads the password from stdin, one line).
+    #[command(after_help = "Prints pbkdf2-sha256$<iterations>$<salt>$<hash>; put it in password_hash. \
+                            Example: echo -n 's3cret' | edge-agent passwd")]
+    Passwd(PasswdArgs),
     /// Inspect the logs of a data directory; read-only, safe while an agent writes to it.
     #[command(subcommand)]
     Log(LogCommand),
@@ -53,6 +58,14 @@ pub struct ConfigArgs {
     /// The TOML config (see deploy/edge-agent.example.toml).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+}
+
+/// Arguments of `passwd`.
+#[derive(Debug, Args)]
+pub struct PasswdArgs {
+    /// PBKDF2 iterations (at least 10000; each device login costs this much once).
+    #[arg(long, default_value_t = crate::listen::auth::ITERATIONS_DEFAULT)]
+    pub iterations: u32,
 }
 
 /// Arguments of `log verify`.

@@ -43,6 +43,8 @@ pub struct Config {
     pub streams: BTreeMap<String, StreamConfig>,
     /// Forwarding to core-ingest over QUIC. Absent: the agent keeps data locally only.
     pub forward: Option<ForwardConfig>,
+    /// Listen mode: devices publish to the agent itself (`crate::listen::config`).
+    pub listen: Option<crate::listen::config::ListenConfig>,
 }
 
 /// Congestion control of the QUIC connection.
@@ -450,6 +452,9 @@ impl Config {
                 *f = base.join(&*f);
             }
         }
+        if let Some(l) = config.listen.as_mut() {
+            l.resolve_files(base);
+        }
         config.streams.entry(DEADLETTER_STREAM.into()).or_insert_with(StreamConfig::deadletter_default);
         let problems = config.problems();
         if problems.is_empty() { Ok(config) } else { Err(ConfigError { file: path.into(), problems }) }
@@ -473,8 +478,11 @@ impl Config {
         if self.edge_id.is_empty() || self.edge_id.len() > 64 || self.edge_id.chars().any(char::is_control) {
             p.push(("edge_id".into(), "1 to 64 bytes without control characters".into()));
         }
-        if self.brokers.is_empty() {
-            p.push(("broker".into(), "no [[broker]]: nothing to ingest".into()));
+        if self.brokers.is_empty() && self.listen.is_none() {
+            p.push(("broker".into(), "no [[broker]] and no [listen]: nothing to ingest".into()));
+        }
+        if let Some(l) = &self.listen {
+            p.extend(l.problems());
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, b) in self.brokers.iter().enumerate() {

@@ -6,6 +6,8 @@
 //! - [`route`]: MQTT topic filters to streams (pure).
 //! - [`ingest`]: the broker connections: [`ingest::session`] (pure ack bookkeeping) and
 //!   [`ingest::driver`] (rumqttc).
+//! - [`listen`]: listen mode, the agent as the devices' MQTT endpoint: [`listen::session`]
+//!   (pure per-connection state machine), [`listen::driver`] (TCP/TLS listeners), config, auth.
 //! - [`forward`]: forwarding to core-ingest over QUIC: session driver, cursors, node choice.
 //! - [`writer`]: batches, logs, fsyncs, disk budget, and which PUBACKs may leave.
 //! - [`run`]: wires the above into the running agent.
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod ingest;
+pub mod listen;
 pub mod logcmd;
 pub mod metrics;
 pub mod route;

@@ -42,9 +42,10 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         }
         Command::Validate(args) => match Config::load(&args.config) {
             Ok(c) => {
+                let listeners = c.listen.as_ref().map_or(0, |l| l.tcp.len() + l.tls.len());
                 writeln!(
                     out,
-                    "{}: ok ({} streams, {} broker connections)",
+                    "{}: ok ({} streams, {} broker connections, {listeners} device listeners)",
                     args.config.display(),
                     c.streams.len(),
                     c.brokers.len()
@@ -59,6 +60,20 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Status(args) => {
             let config = Config::load(&args.config)?;
             edge_agent::status::status(config.admin.listen, &mut out)?;
+            Ok(Outcome::Clean)
+        }
+        Command::Passwd(args) => {
+            let mut line = String::new();
+            io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                anyhow::bail!("empty password on stdin");
+            }
+            if args.iterations < edge_agent::listen::auth::ITERATIONS_MIN {
+                anyhow::bail!("--iterations: at least {}", edge_agent::listen::auth::ITERATIONS_MIN);
+            }
+            writeln!(out, "{}", edge_agent::listen::auth::PasswordHash::make(password, args.iterations))?;
             Ok(Outcome::Clean)
         }
         Command::Log(command) => Ok(edge_agent::run_log_command(command, &mut out, &mut io::stderr())?),

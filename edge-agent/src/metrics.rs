@@ -911,6 +911,132 @@ impl shared::admin::RenderMetrics for Metrics {
     }
 }
 
+// ---- listen mode ----------------------------------------------------------------------------
+
+pub use listen::ListenMetrics;
+
+/// Listen mode's counters, kept in their own module so their imports stay beside them.
+mod listen {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    /// Counters of listen mode (`crate::listen`), rendered beside the agent's metrics. The
+    /// `reason` label takes MQTT 5 reason codes: at most 256 values.
+    #[derive(Debug, Default)]
+    pub struct ListenMetrics {
+        connections: AtomicUsize,
+        accepted_total: AtomicU64,
+        refused: Mutex<HashMap<u8, u64>>,
+        closed_by_error_total: AtomicU64,
+        qos0_dropped_full: Arc<AtomicU64>,
+    }
+
+    impl ListenMetrics {
+        /// Metrics that also show the writer's count of QoS 0 messages dropped on full streams.
+        pub fn new(qos0_dropped_full: Arc<AtomicU64>) -> Self {
+            ListenMetrics { qos0_dropped_full, ..Self::default() }
+        }
+
+        /// Device connections open now.
+        pub fn connections(&self) -> usize {
+            self.connections.load(Ordering::Relaxed)
+        }
+
+        /// A connection was accepted on a listener (before its CONNECT).
+        pub fn connection_opened(&self) {
+            self.connections.fetch_add(1, Ordering::Relaxed);
+        }
+
+        /// A connection ended.
+        pub fn connection_closed(&self) {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+
+        /// A CONNECT was accepted.
+        pub fn add_accepted(&self) {
+            self.accepted_total.fetch_add(1, Ordering::Relaxed);
+        }
+
+        /// A connection closed for bad bytes, a size or a timeout.
+        pub fn add_protocol_error(&self) {
+            self.closed_by_error_total.fetch_add(1, Ordering::Relaxed);
+        }
+
+        /// A refusal with MQTT 5 reason `code` went to a device.
+        pub fn refuse(&self, code: u8) {
+            *self.refused.lock().unwrap_or_else(PoisonError::into_inner).entry(code).or_default() += 1;
+        }
+
+        /// Prometheus text.
+        pub fn render(&self) -> String {
+            let mut t = String::new();
+            t.push_str("# HELP backhaul_edge_listen_connections Device connections open now (listen mode).\n");
+            t.push_str("# TYPE backhaul_edge_listen_connections gauge\n");
+            t.push_str(&format!("backhaul_edge_listen_connections {}\n", self.connections()));
+            t.push_str("# HELP backhaul_edge_listen_accepted_total Device CONNECTs accepted.\n");
+            t.push_str("# TYPE backhaul_edge_listen_accepted_total counter\n");
+            t.push_str(&format!(
+                "backhaul_edge_listen_accepted_total {}\n",
+                self.accepted_total.load(Ordering::Relaxed)
+            ));
+            t.push_str("# HELP backhaul_edge_listen_refused_total Refusals sent to devices, by MQTT 5 reason code.\n");
+            t.push_str("# TYPE backhaul_edge_listen_refused_total counter\n");
+            let mut refused: Vec<(u8, u64)> =
+                self.refused.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, *v)).collect();
+            refused.sort_unstable();
+            for (code, n) in refused {
+                t.push_str(&format!("backhaul_edge_listen_refused_total{{reason=\"0x{code:02x}\"}} {n}\n"));
+            }
+            t.push_str(
+                "# HELP backhaul_edge_listen_protocol_errors_total Connections closed for bad bytes, size or timeouts.\n",
+            );
+            t.push_str("# TYPE backhaul_edge_listen_protocol_errors_total counter\n");
+            t.push_str(&format!(
+                "backhaul_edge_listen_protocol_errors_total {}\n",
+                self.closed_by_error_total.load(Ordering::Relaxed)
+            ));
+            t.push_str("# HELP backhaul_edge_listen_qos0_dropped_total QoS 0 messages dropped: their stream was full (backpressure).\n");
+            t.push_str("# TYPE backhaul_edge_listen_qos0_dropped_total counter\n");
+            t.push_str(&format!(
+                "backhaul_edge_listen_qos0_dropped_total {}\n",
+                self.qos0_dropped_full.load(Ordering::Relaxed)
+            ));
+            t
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn listen_metrics_render_every_series_with_bounded_labels() {
+            let qos0 = Arc::new(AtomicU64::new(4));
+            let m = ListenMetrics::new(qos0);
+            m.connection_opened();
+            m.connection_opened();
+            m.connection_closed();
+            m.add_accepted();
+            m.refuse(0x86);
+            m.refuse(0x86);
+            m.refuse(0x97);
+            m.add_protocol_error();
+            let text = m.render();
+            for line in [
+                "backhaul_edge_listen_connections 1",
+                "backhaul_edge_listen_accepted_total 1",
+                "backhaul_edge_listen_refused_total{reason=\"0x86\"} 2",
+                "backhaul_edge_listen_refused_total{reason=\"0x97\"} 1",
+                "backhaul_edge_listen_protocol_errors_total 1",
+                "backhaul_edge_listen_qos0_dropped_total 4",
+            ] {
+                assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

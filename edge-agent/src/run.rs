@@ -1,10 +1,11 @@
 //! `edge-agent run`: wires the pieces and runs until `shutdown`.
 //!
 //! Threads and tasks: the writer on its own thread (it does the blocking file I/O and fsyncs);
-//! one task per broker connection and one for its PUBACKs; a ticker; the admin endpoint.
+//! one task per broker connection and one for its PUBACKs; with `[listen]`, the listeners and
+//! one task per device connection; a ticker; the admin endpoint.
 //! Shutdown: the writer flushes, syncs and releases its last acks; the connections send them
-//! and DISCONNECT; nothing acknowledged is lost and nothing durable goes unacknowledged
-//! longer than the broker's redelivery.
+//! and DISCONNECT (devices get MQTT 5 reason 0x8B); nothing acknowledged is lost and nothing
+//! durable goes unacknowledged longer than the broker's (or device's) redelivery.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use crate::config::Config;
 use crate::forward::cursors::Cursors;
 use crate::forward::driver::{ForwardMetrics, ForwardParams, ForwardStream, drive_forwarder};
 use crate::ingest::driver::{ConnParams, drive_connection};
-use crate::metrics::Metrics;
-use crate::writer::{ConnInfo, Input, Writer};
+use crate::listen::driver::{ListenParams, Listeners, drive_listeners};
+use crate::metrics::{ListenMetrics, Metrics};
+use crate::writer::{AckSender, ConnInfo, Input, Writer};
 use shared::admin::{self, AdminState, Health};
 use shared::{reload, systemd};
 use tokio::signal::unix::{SignalKind, signal};
@@ -52,7 +54,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let conns: Vec<ConnInfo> = config
         .brokers
         .iter()
-        .map(|b| ConnInfo { client_id: b.client_id(&config.edge_id), inflight_max: usize::from(b.inflight_max) })
+        .map(|b| ConnInfo {
+            client_id: b.client_id(&config.edge_id),
+            inflight_max: usize::from(b.inflight_max),
+            refuse_when_full: false,
+        })
         .collect();
     let writer = Writer::open(&config, epoch, Arc::new(FsStorage), conns.clone(), metrics.clone(), wall_ms())
         .context("opening the stream logs")?;
@@ -61,6 +67,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin.listen {}", config.admin.listen))?;
+    // Listen mode binds before anything starts, so a taken port fails the start.
+    let listeners = match &config.listen {
+        Some(l) => Some(Listeners::bind(l).await?),
+        None => None,
+    };
+    let listen_metrics = listeners.as_ref().map(|_| Arc::new(ListenMetrics::new(writer.qos0_dropped_full())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let forward_metrics = Arc::new(ForwardMetrics::default());
     let admin_state = AdminState {
@@ -68,6 +80,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             agent: metrics.clone(),
             forward: forward_metrics.clone(),
             budgets: budget_metrics(&config),
+            listen: listen_metrics.clone(),
         }),
         health: health.clone(),
     };
@@ -82,7 +95,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut conn_tasks = Vec::new();
     for (i, b) in config.brokers.iter().enumerate() {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        ack_txs.push(ack_tx);
+        ack_txs.push(Some(ack_tx));
         let params = ConnParams {
             conn: i,
             broker: b.clone(),
@@ -146,6 +159,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
 
+    let listen_task = match (listeners, &config.listen, &listen_metrics) {
+        (Some(listeners), Some(lc), Some(lm)) => {
+            tracing::info!(addresses = ?listeners.local_addrs(), "listening for devices");
+            let params = ListenParams {
+                config: lc.clone(),
+                conn_base: config.brokers.len(),
+                writer: in_tx.clone(),
+                epoch: clock,
+                known_clients: writer.parked_clients(),
+                metrics: lm.clone(),
+                shutdown: stop_rx.clone(),
+            };
+            Some(tokio::spawn(drive_listeners(listeners, params)))
+        }
+        _ => None,
+    };
+
     let tick = tick_interval(&config);
     let ticker_tx = in_tx.clone();
     let ticker = tokio::spawn(async move {
@@ -175,10 +205,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     health.set_live(true);
     let ready_health = health.clone();
     let ready_metrics = metrics.clone();
+    // Listen mode is ready once its listeners are bound (they are, by now).
+    let listening = listen_task.is_some();
     let readiness = tokio::spawn(async move {
         loop {
             let snap = ready_metrics.snapshot();
-            if snap.connections.iter().any(|c| c.connected) {
+            if listening || snap.connections.iter().any(|c| c.connected) {
                 ready_health.set_ready();
             } else {
                 ready_health.set_not_ready("no broker connection");
@@ -205,6 +237,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for t in conn_tasks {
         let _ = t.await;
     }
+    if let Some(t) = listen_task {
+        let _ = t.await;
+    }
     if let Some(f) = forwarder {
         let _ = f.await;
     }
@@ -223,24 +258,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 fn writer_loop(
     mut writer: Writer,
     mut rx: mpsc::Receiver<Input>,
-    acks: Vec<mpsc::UnboundedSender<(u16, u64)>>,
+    mut acks: Vec<Option<AckSender>>,
     clock: Instant,
     rounds: &AtomicU64,
 ) {
+    // A listen-mode connection brings its ack sender; the writer itself never sees it.
+    let take = |writer: &mut Writer, acks: &mut Vec<Option<AckSender>>, mut input: Input| {
+        if let Input::Attach { conn, acks: sender, .. } = &mut input {
+            if acks.len() <= *conn {
+                acks.resize(*conn + 1, None);
+            }
+            acks[*conn] = sender.take();
+        }
+        writer.handle_input(input)
+    };
     while let Some(first) = rx.blocking_recv() {
         rounds.fetch_add(1, Relaxed);
-        let mut stop = writer.handle_input(first);
+        let mut stop = take(&mut writer, &mut acks, first);
         let mut taken = 1;
         while !stop && taken < WRITER_DRAIN_MAX {
             match rx.try_recv() {
-                Ok(input) => stop = writer.handle_input(input),
+                Ok(input) => stop = take(&mut writer, &mut acks, input),
                 Err(_) => break,
             }
             taken += 1;
         }
         let now_us = clock.elapsed().as_micros() as u64;
         for ack in writer.drive(now_us, wall_ms(), stop) {
-            let _ = acks[ack.conn].send((ack.pkid, ack.generation));
+            if let Some(Some(tx)) = acks.get(ack.conn) {
+                let _ = tx.send(ack);
+            }
         }
         if stop {
             break;
@@ -271,6 +318,7 @@ struct AgentMetrics {
     agent: Arc<Metrics>,
     forward: Arc<ForwardMetrics>,
     budgets: String,
+    listen: Option<Arc<ListenMetrics>>,
 }
 
 impl shared::admin::RenderMetrics for AgentMetrics {
@@ -278,6 +326,9 @@ impl shared::admin::RenderMetrics for AgentMetrics {
         let mut text = self.agent.render();
         text.push_str(&self.forward.render());
         text.push_str(&self.budgets);
+        if let Some(l) = &self.listen {
+            text.push_str(&l.render());
+        }
         text
     }
 }

@@ -23,13 +23,15 @@ use shared::log::verify::stream_dir;
 use shared::log::{FsyncPolicy, Log, LogConfig, LogError, Retention, SegmentSummary};
 
 use crate::config::{Config, DEADLETTER_STREAM, FsyncConfig, FullPolicy, PayloadFormatConfig, StreamConfig};
-use crate::ingest::session::{AckSession, Admit, BatchRef};
+use crate::ingest::session::{AckSession, Admit, BatchRef, Outcome};
 use crate::metrics::{DropReason, Metrics, StreamId};
 use crate::route::Router;
 
 /// A segment this small holds only a gap batch (a gap frame is ~150 bytes), or so little that
 /// replacing it frees nothing: `drop_oldest` passes over it.
 const GAP_SEGMENT_BYTES_MAX: u64 = 512;
+/// What a batch adds to its records' raw bytes on disk, at most, for budget checks.
+const BATCH_ESTIMATE_OVERHEAD_BYTES: u64 = 256;
 /// How often retention and the slower gauges are looked at, µs.
 const HOUSEKEEPING_INTERVAL_US: u64 = 1_000_000;
 /// Attribute naming why a record was dead-lettered.
@@ -81,11 +83,32 @@ pub enum Input {
         /// drops acks of an older generation (their messages are redelivered).
         generation: u64,
     },
+    /// A listen-mode connection `conn` (an index above the broker connections, reused after
+    /// its [`Input::Detach`]) took over a device session.
+    Attach {
+        /// Connection index.
+        conn: usize,
+        /// How the writer treats it.
+        info: ConnInfo,
+        /// Clean start: forget the redelivery memory kept for its client id.
+        clean: bool,
+        /// Where its acks go (taken by the writer thread's loop, not by [`Writer`]).
+        acks: Option<AckSender>,
+    },
+    /// Listen-mode connection `conn` closed: its queued acks are forgotten (the device
+    /// resends with DUP), its redelivery memory is kept under its client id.
+    Detach {
+        /// Connection index.
+        conn: usize,
+    },
     /// Time passed.
     Tick,
     /// Flush, sync, ack, stop.
     Shutdown,
 }
+
+/// Where a connection's acks go.
+pub type AckSender = tokio::sync::mpsc::UnboundedSender<Ack>;
 
 /// A PUBACK that may leave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +121,8 @@ pub struct Ack {
     pub generation: u64,
     /// When its PUBLISH came in, µs.
     pub received_us: u64,
+    /// What became of the PUBLISH.
+    pub outcome: Outcome,
 }
 
 /// One connection as the writer sees it.
@@ -107,6 +132,9 @@ pub struct ConnInfo {
     pub client_id: String,
     /// Receive window: at this many unacknowledged messages, batches flush and sync at once.
     pub inflight_max: usize,
+    /// Refuse (rather than hold) a PUBLISH to a stream that is full under `backpressure`:
+    /// MQTT 5 devices of listen mode, which can be told "quota exceeded" and retry.
+    pub refuse_when_full: bool,
 }
 
 struct StreamState {
@@ -134,6 +162,17 @@ pub struct Writer {
     sessions: Vec<AckSession>,
     generations: Vec<u64>,
     conns: Vec<ConnInfo>,
+    /// Redelivery memory of listen-mode devices not connected now, by client id.
+    parked: std::collections::HashMap<String, AckSession>,
+    /// Bound of `parked`.
+    parked_max: usize,
+    /// Records read back from each log's tail at start for listen-mode devices.
+    listen_window: u64,
+    /// Connections below this index are the brokers'; above, listen mode's.
+    broker_conns: usize,
+    /// QoS 0 messages of devices dropped because their stream was full (`backpressure`):
+    /// nothing can hold them back, and memory must stay bounded.
+    qos0_dropped_full: Arc<std::sync::atomic::AtomicU64>,
     router: Router,
     deadletter: usize,
     storage: Arc<dyn Storage>,
@@ -196,12 +235,18 @@ impl Writer {
         let id = |n: &str| names.iter().position(|s| s == n).expect("validated stream name");
         let rules: Vec<(String, usize)> = config.routes.iter().map(|r| (r.filter.clone(), id(&r.stream))).collect();
         let router = Router::new(&rules, config.routing.unmatched_stream.as_deref().map(id));
+        let broker_conns = conns.len();
         let mut w = Writer {
             sessions: conns.iter().map(|_| AckSession::new()).collect(),
             generations: vec![0; conns.len()],
             deadletter: id(DEADLETTER_STREAM),
             streams,
             conns,
+            parked: std::collections::HashMap::new(),
+            parked_max: config.listen.as_ref().map_or(0, |l| l.sessions_max),
+            listen_window: config.listen.as_ref().map_or(0, |l| l.redelivery_window_records),
+            broker_conns,
+            qos0_dropped_full: Arc::default(),
             router,
             storage,
             total_budget: config.disk.budget_bytes.map(|b| b.0),
@@ -226,6 +271,8 @@ impl Writer {
                 self.sessions[conn].handle_reset();
                 self.generations[conn] = generation;
             }
+            Input::Attach { conn, info, clean, acks: _ } => self.attach(conn, info, clean),
+            Input::Detach { conn } => self.detach(conn),
             Input::Tick => {}
             Input::Shutdown => return true,
         }
@@ -247,6 +294,45 @@ impl Writer {
         self.streams.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// The count of devices' QoS 0 messages dropped on a full `backpressure` stream.
+    pub fn qos0_dropped_full(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.qos0_dropped_full.clone()
+    }
+
+    /// Client ids of listen-mode devices whose records the logs' tails hold (read at open).
+    pub fn parked_clients(&self) -> Vec<String> {
+        self.parked.keys().cloned().collect()
+    }
+
+    fn attach(&mut self, conn: usize, info: ConnInfo, clean: bool) {
+        if conn >= self.sessions.len() {
+            self.sessions.resize_with(conn + 1, AckSession::new);
+            self.generations.resize(conn + 1, 0);
+            self.conns
+                .resize(conn + 1, ConnInfo { client_id: String::new(), inflight_max: 1, refuse_when_full: false });
+        }
+        let parked = self.parked.remove(&info.client_id);
+        let mut session = if clean { AckSession::new() } else { parked.unwrap_or_default() };
+        session.handle_reset();
+        self.sessions[conn] = session;
+        self.conns[conn] = info;
+    }
+
+    fn detach(&mut self, conn: usize) {
+        let Some(session) = self.sessions.get_mut(conn) else { return };
+        let mut session = std::mem::take(session);
+        session.handle_reset();
+        let client_id = std::mem::take(&mut self.conns[conn].client_id);
+        if session.remembers_any() && self.parked_max > 0 {
+            if self.parked.len() >= self.parked_max
+                && let Some(k) = self.parked.keys().next().cloned()
+            {
+                self.parked.remove(&k);
+            }
+            self.parked.insert(client_id, session);
+        }
+    }
+
     /// Whether any stream is refusing data for lack of disk.
     pub fn any_full(&self) -> bool {
         self.streams.iter().any(|s| s.full)
@@ -260,7 +346,7 @@ impl Writer {
                 Admit::Duplicate(at) => {
                     let stream = self.router.route(&m.topic).unwrap_or(self.deadletter);
                     self.metrics.add_dropped(self.mids[stream], DropReason::Duplicate, 1);
-                    self.sessions[m.conn].handle_taken(m.pkid, None, at, m.received_us);
+                    self.sessions[m.conn].handle_taken_as(m.pkid, None, at, m.received_us, Outcome::Duplicate);
                     return;
                 }
             }
@@ -268,12 +354,32 @@ impl Writer {
         let Some(si) = self.router.route(&m.topic) else {
             self.metrics.add_unrouted(1);
             if m.qos > 0 {
-                self.sessions[m.conn].handle_taken(m.pkid, None, None, m.received_us);
+                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::Unrouted);
             }
             return;
         };
         self.metrics.add_received(self.mids[si], 1);
         let s = &self.streams[si];
+        if s.cfg.full_policy == FullPolicy::Backpressure && m.qos > 0 && self.conns[m.conn].refuse_when_full {
+            // Refused before it is taken, also when it would not fit the budget with what
+            // waits to be appended: once taken, its ack would wait for room, and every later
+            // ack of the connection behind it (acks leave in order).
+            let waiting = s.builder.raw_len() as u64
+                + s.closed.iter().map(|(_, b)| b.raw_len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES).sum::<u64>();
+            let extra = waiting + m.payload.len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES;
+            let budgeted = s.cfg.disk_budget_bytes.is_some() || self.total_budget.is_some();
+            if s.full || (budgeted && self.over_budget(si, extra).is_some()) {
+                // Not taken: the device keeps it and retries.
+                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::QuotaExceeded);
+                return;
+            }
+        }
+        if s.full && s.cfg.full_policy == FullPolicy::Backpressure && m.qos == 0 && m.conn >= self.broker_conns {
+            // At most once by its own terms, and no ack to hold back: held, it would grow
+            // memory without bound while the disk is full.
+            self.qos0_dropped_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         let rejected = if m.payload.len() as u64 > s.cfg.record_bytes_max.0 {
             Some((
                 DropReason::TooLarge,
@@ -291,6 +397,11 @@ impl Writer {
         if m.qos > 0 {
             attrs.push(Attr { key: attr::MQTT_PACKET_ID.into(), value: m.pkid.to_string() });
         }
+        let outcome = match &rejected {
+            None => Outcome::Stored,
+            Some((DropReason::InvalidPayload, _)) => Outcome::PayloadInvalid,
+            Some(_) => Outcome::TooLarge,
+        };
         let (target, payload): (usize, &[u8]) = match &rejected {
             None => (si, &m.payload),
             Some((reason, text)) => {
@@ -312,7 +423,7 @@ impl Writer {
             tracing::warn!(error = %e, topic = %m.topic, "record refused by the batch codec");
             self.metrics.add_dropped(self.mids[si], DropReason::TooLarge, 1);
             if m.qos > 0 {
-                self.sessions[m.conn].handle_taken(m.pkid, None, None, m.received_us);
+                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::TooLarge);
             }
             return;
         }
@@ -322,7 +433,7 @@ impl Writer {
             t.close_builder();
         }
         if m.qos > 0 {
-            self.sessions[m.conn].handle_taken(m.pkid, Some(hash), Some(at), m.received_us);
+            self.sessions[m.conn].handle_taken_as(m.pkid, Some(hash), Some(at), m.received_us, outcome);
         }
     }
 
@@ -352,10 +463,10 @@ impl Writer {
         let is_committed = |b: BatchRef| b.batch_no < committed[b.stream];
         let mut acks = Vec::new();
         for (conn, session) in self.sessions.iter_mut().enumerate() {
-            for (pkid, received_us) in session.poll_acks(is_committed) {
+            for (pkid, received_us, outcome) in session.poll_acks(is_committed) {
                 self.metrics
                     .observe_receive_to_ack(std::time::Duration::from_micros(now_us.saturating_sub(received_us)));
-                acks.push(Ack { conn, pkid, generation: self.generations[conn], received_us });
+                acks.push(Ack { conn, pkid, generation: self.generations[conn], received_us, outcome });
             }
         }
         acks
@@ -363,7 +474,7 @@ impl Writer {
 
     fn append_closed(&mut self, si: usize, now_ms: i64) {
         while let Some((no, builder)) = self.streams[si].closed.front() {
-            let (no, estimate) = (*no, builder.raw_len() as u64 + 256);
+            let (no, estimate) = (*no, builder.raw_len() as u64 + BATCH_ESTIMATE_OVERHEAD_BYTES);
             if let Some(why) = self.over_budget(si, estimate) {
                 let s = &self.streams[si];
                 if s.cfg.full_policy == FullPolicy::DropOldest && self.drop_oldest(si) {
@@ -559,7 +670,7 @@ impl Writer {
     /// Reads the tail of every log for records taken from our connections, so a redelivery
     /// after a restart is recognised (see `ingest::session`).
     fn remember_log_tails(&mut self) {
-        let window: u64 = 4 * self.conns.iter().map(|c| c.inflight_max as u64).sum::<u64>();
+        let window: u64 = 4 * self.conns.iter().map(|c| c.inflight_max as u64).sum::<u64>() + self.listen_window;
         for s in &mut self.streams {
             let end = lock(&s.log).committed_offset();
             let mut from = Offset(end.0.saturating_sub(window).max(lock(&s.log).start_offset().0));
@@ -572,12 +683,17 @@ impl Writer {
                         else {
                             continue;
                         };
-                        let (Some(conn), Ok(pid)) =
-                            (self.conns.iter().position(|c| c.client_id == client), pid.parse())
-                        else {
-                            continue;
-                        };
-                        self.sessions[conn].remember_durable(pid, content_hash(&r.topic, &r.payload));
+                        let Ok(pid) = pid.parse() else { continue };
+                        let hash = content_hash(&r.topic, &r.payload);
+                        match self.conns.iter().position(|c| c.client_id == client) {
+                            Some(conn) => self.sessions[conn].remember_durable(pid, hash),
+                            None if self.listen_window > 0
+                                && (self.parked.len() < self.parked_max || self.parked.contains_key(client)) =>
+                            {
+                                self.parked.entry(client.to_owned()).or_default().remember_durable(pid, hash);
+                            }
+                            None => {}
+                        }
                     }
                 }
                 if read.next <= from {
@@ -700,7 +816,7 @@ fsync = "always"
 
     fn open(sim: &SimStorage) -> Writer {
         let config = Config::parse(CONFIG, Path::new("t.toml")).unwrap();
-        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100 }];
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100, refuse_when_full: false }];
         let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
         Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap()
     }
@@ -843,7 +959,7 @@ fsync = "always"
         let text =
             CONFIG.replace("full_policy = \"drop_oldest\"", "full_policy = \"drop_oldest\"\nretention_age = \"1h\"");
         let config = Config::parse(&text, Path::new("t.toml")).unwrap();
-        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100 }];
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100, refuse_when_full: false }];
         let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
         let mut w = Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap();
         for i in 0..100u16 {
@@ -864,6 +980,105 @@ fsync = "always"
         let snap = w.metrics.snapshot();
         let sensors = snap.streams.iter().find(|s| s.name == "sensors").unwrap();
         assert!(sensors.dropped(DropReason::RetentionExpired) > 0);
+    }
+
+    fn listen_writer(sim: &SimStorage) -> Writer {
+        let text = format!("{CONFIG}\n[listen]\ntcp = [\"127.0.0.1:1\"]\nallow_anonymous = true\n");
+        let config = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let conns = vec![ConnInfo { client_id: "c1".into(), inflight_max: 100, refuse_when_full: false }];
+        let metrics = Arc::new(Metrics::new(&config.stream_names(), &["main"]));
+        Writer::open(&config, Epoch(9), Arc::new(sim.clone()), conns, metrics, 0).unwrap()
+    }
+
+    fn attach(w: &mut Writer, conn: usize, client_id: &str, clean: bool) {
+        let info = ConnInfo { client_id: client_id.into(), inflight_max: 10, refuse_when_full: true };
+        assert!(!w.handle_input(Input::Attach { conn, info, clean, acks: None }));
+    }
+
+    fn publish_on(w: &mut Writer, conn: usize, pkid: u16, dup: bool, payload: &str) {
+        let msg = Incoming {
+            conn,
+            pkid,
+            qos: 1,
+            dup,
+            topic: "cdr/a".into(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            ts_ms: 1000,
+            received_us: 0,
+        };
+        assert!(!w.handle_input(Input::Publish(msg)));
+    }
+
+    #[test]
+    fn listen_connections_attach_detach_and_keep_their_redelivery_memory() {
+        let sim = SimStorage::new();
+        let mut w = listen_writer(&sim);
+        attach(&mut w, 3, "dev-a", false);
+        publish_on(&mut w, 3, 5, false, "{\"id\":5}");
+        // Dropped before the ack: the queued ack is forgotten, the memory is kept.
+        assert!(!w.handle_input(Input::Detach { conn: 3 }));
+        assert!(w.drive(20_000, 0, false).is_empty());
+        attach(&mut w, 1, "dev-a", false);
+        publish_on(&mut w, 1, 5, true, "{\"id\":5}");
+        let acks = w.drive(40_000, 0, false);
+        assert_eq!(
+            acks.iter().map(|a| (a.conn, a.pkid, a.outcome)).collect::<Vec<_>>(),
+            vec![(1, 5, Outcome::Duplicate)]
+        );
+        // A clean start forgets it: the same resend is new data then.
+        assert!(!w.handle_input(Input::Detach { conn: 1 }));
+        attach(&mut w, 1, "dev-a", true);
+        publish_on(&mut w, 1, 5, true, "{\"id\":5}");
+        assert_eq!(w.drive(60_000, 0, false)[0].outcome, Outcome::Stored);
+        assert_eq!(records(&sim, "cdr").len(), 2);
+        // After a restart the log's tail brings the memory back, under the client id.
+        drop(w);
+        let mut w = listen_writer(&sim);
+        assert_eq!(w.parked_clients(), vec!["dev-a".to_string()]);
+        attach(&mut w, 1, "dev-a", false);
+        publish_on(&mut w, 1, 5, true, "{\"id\":5}");
+        assert_eq!(w.drive(20_000, 0, false)[0].outcome, Outcome::Duplicate);
+        assert_eq!(records(&sim, "cdr").len(), 2);
+    }
+
+    #[test]
+    fn a_full_stream_refuses_listen_v5_publishes_and_holds_the_others() {
+        let sim = SimStorage::new();
+        let mut w = listen_writer(&sim);
+        attach(&mut w, 1, "dev-v5", false);
+        sim.set_faults(Faults { capacity_bytes: Some(sim.used_bytes() + 64), fail_syncs: 0 });
+        publish(&mut w, 1, false, "cdr/a", "{\"n\":1}");
+        assert!(w.drive(50_000, 0, false).is_empty());
+        assert!(w.any_full());
+        // The device that can be told is told at once; the broker connection waits.
+        publish_on(&mut w, 1, 9, false, "{\"n\":2}");
+        let acks = w.drive(60_000, 0, false);
+        assert_eq!(
+            acks.iter().map(|a| (a.conn, a.pkid, a.outcome)).collect::<Vec<_>>(),
+            vec![(1, 9, Outcome::QuotaExceeded)]
+        );
+        sim.set_faults(Faults::default());
+        assert_eq!(pkids(&w.drive(150_000, 0, false)), vec![1]);
+        assert_eq!(records(&sim, "cdr").len(), 1, "the refused message was not stored");
+        publish_on(&mut w, 1, 10, false, "not json");
+        assert_eq!(w.drive(200_000, 0, true)[0].outcome, Outcome::PayloadInvalid);
+        // QoS 0 of a device on a full stream is dropped and counted, not held in memory.
+        sim.set_faults(Faults { capacity_bytes: Some(sim.used_bytes() + 64), fail_syncs: 0 });
+        publish(&mut w, 11, false, "cdr/a", "{\"n\":3}");
+        w.drive(300_000, 0, false);
+        assert!(w.any_full());
+        let msg = Incoming {
+            conn: 1,
+            pkid: 0,
+            qos: 0,
+            dup: false,
+            topic: "cdr/a".into(),
+            payload: Bytes::from_static(b"{}"),
+            ts_ms: 0,
+            received_us: 0,
+        };
+        w.handle_input(Input::Publish(msg));
+        assert_eq!(w.qos0_dropped_full().load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]

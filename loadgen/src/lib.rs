@@ -4,6 +4,9 @@
 //!
 //! - [`mqtt_ingest`]: `loadgen mqtt-ingest`, edge-agent subscribe mode against Mosquitto's own
 //!   publish → subscriber rate.
+//! - [`listen_ingest`]: `loadgen listen-ingest`, devices publishing straight to edge-agent's
+//!   listen mode (100 and 1,000 connections) beside Mosquitto's publish → subscriber rate;
+//!   PUBACK latency at half the agent's rate; the agent's idle RSS.
 //! - [`mosquitto`]: a private Mosquitto with the settings of `deploy/mosquitto/backhaul.conf`.
 //! - [`agent`]: the `edge-agent` process, its config and its admin endpoint.
 //! - [`mqtt`]: rumqttc publishers and subscriber that count what the broker delivers and acks.
@@ -40,6 +43,7 @@ pub mod devices;
 pub mod disk_peer;
 pub mod e2e_latency;
 pub mod forwarding_agent;
+pub mod listen_ingest;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod mqtt_ingest;

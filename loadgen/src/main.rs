@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use loadgen::core_ingest::{self, CoreIngestArgs};
 use loadgen::devices::{self, MqttArgs};
 use loadgen::e2e_latency::{self, E2eLatencyArgs};
+use loadgen::listen_ingest::{self, ListenIngestArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
 use loadgen::outage::{self, OutageArgs};
 use loadgen::verify::{self, VerifyArgs};
@@ -51,6 +52,9 @@ enum Command {
     /// A WAN outage while devices keep publishing, then the backfill: Backhaul beside a
     /// Mosquitto bridge, every acknowledged message verified at the core side.
     Outage(OutageArgs),
+    /// Devices publishing straight to edge-agent (listen mode) vs Mosquitto's own publish →
+    /// subscriber rate; PUBACK latency at half the agent's rate; the agent's idle RSS.
+    ListenIngest(ListenIngestArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +92,10 @@ fn main() -> ExitCode {
             Command::Verify(args) => verify::run(args),
             Command::Outage(args) => tokio::select! {
                 r = outage::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+            Command::ListenIngest(args) => tokio::select! {
+                r = listen_ingest::run(args) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
         }

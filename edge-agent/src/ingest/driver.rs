@@ -36,7 +36,7 @@ pub struct ConnParams {
     /// Where PUBLISHes go.
     pub writer: mpsc::Sender<Input>,
     /// PUBACKs to send, in order, with the connection generation they belong to.
-    pub acks: mpsc::UnboundedReceiver<(u16, u64)>,
+    pub acks: mpsc::UnboundedReceiver<crate::writer::Ack>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// This connection's metric id.
@@ -117,11 +117,11 @@ macro_rules! connection_loop {
         let ack_generation = generation.clone();
         let mut acks = std::mem::replace(&mut p.acks, mpsc::unbounded_channel().1);
         let mut ack_task = tokio::spawn(async move {
-            while let Some((pkid, g)) = acks.recv().await {
-                if g != ack_generation.load(Ordering::Acquire) {
+            while let Some(ack) = acks.recv().await {
+                if ack.generation != ack_generation.load(Ordering::Acquire) {
                     continue;
                 }
-                if ack_client.ack(&$publish_for_ack(pkid)).await.is_err() {
+                if ack_client.ack(&$publish_for_ack(ack.pkid)).await.is_err() {
                     break;
                 }
             }

@@ -21,6 +21,25 @@ pub struct BatchRef {
     pub batch_no: u64,
 }
 
+/// What became of a PUBLISH, told with its ack (listen mode turns it into an MQTT 5 reason
+/// code; subscribe mode acks every outcome alike).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored in its stream.
+    #[default]
+    Stored,
+    /// A redelivery of a record already stored.
+    Duplicate,
+    /// No route matched and no unmatched stream is set: counted and dropped.
+    Unrouted,
+    /// Not stored: its stream is full under `backpressure` and the connection takes refusals.
+    QuotaExceeded,
+    /// Invalid for its stream's format: dead-lettered.
+    PayloadInvalid,
+    /// Above `record_bytes_max` or a codec bound: dead-lettered without its payload, or dropped.
+    TooLarge,
+}
+
 /// What to do with an incoming PUBLISH.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
@@ -35,6 +54,7 @@ struct Ticket {
     pkid: u16,
     wait: Option<BatchRef>,
     received_us: u64,
+    outcome: Outcome,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -72,10 +92,22 @@ impl AckSession {
     /// Queues the ack of a PUBLISH whose record was taken into `at` (or is durable already:
     /// `None`), and remembers it for redeliveries when `hash` is given.
     pub fn handle_taken(&mut self, pkid: u16, hash: Option<u64>, at: Option<BatchRef>, received_us: u64) {
+        self.handle_taken_as(pkid, hash, at, received_us, Outcome::Stored);
+    }
+
+    /// [`AckSession::handle_taken`], with what became of the PUBLISH.
+    pub fn handle_taken_as(
+        &mut self,
+        pkid: u16,
+        hash: Option<u64>,
+        at: Option<BatchRef>,
+        received_us: u64,
+        outcome: Outcome,
+    ) {
         if let Some(hash) = hash {
             self.recent.insert(pkid, Recent { hash, at });
         }
-        self.queue.push_back(Ticket { pkid, wait: at, received_us });
+        self.queue.push_back(Ticket { pkid, wait: at, received_us, outcome });
     }
 
     /// The batch `at` is committed: records remembered in it are durable.
@@ -87,14 +119,14 @@ impl AckSession {
         }
     }
 
-    /// The acks that may leave now, in order: `(pkid, received_us)`.
-    pub fn poll_acks(&mut self, is_committed: impl Fn(BatchRef) -> bool) -> Vec<(u16, u64)> {
+    /// The acks that may leave now, in order: `(pkid, received_us, outcome)`.
+    pub fn poll_acks(&mut self, is_committed: impl Fn(BatchRef) -> bool) -> Vec<(u16, u64, Outcome)> {
         let mut out = Vec::new();
         while let Some(t) = self.queue.front() {
             if t.wait.is_some_and(|at| !is_committed(at)) {
                 break;
             }
-            out.push((t.pkid, t.received_us));
+            out.push((t.pkid, t.received_us, t.outcome));
             self.queue.pop_front();
         }
         out
@@ -103,6 +135,11 @@ impl AckSession {
     /// The connection dropped: forget the queued acks (see the module doc).
     pub fn handle_reset(&mut self) {
         self.queue.clear();
+    }
+
+    /// Whether any record is remembered for redeliveries.
+    pub fn remembers_any(&self) -> bool {
+        !self.recent.is_empty()
     }
 
     /// Acks owed and not yet sent.
@@ -132,7 +169,8 @@ mod tests {
         s.handle_taken(3, None, None, 30);
         // Stream 1 committed first: nothing may leave before pkid 1.
         assert!(s.poll_acks(|b| b.stream == 1).is_empty());
-        assert_eq!(s.poll_acks(|_| true), vec![(1, 10), (2, 20), (3, 30)]);
+        let ok = Outcome::Stored;
+        assert_eq!(s.poll_acks(|_| true), vec![(1, 10, ok), (2, 20, ok), (3, 30, ok)]);
         assert_eq!(s.pending(), 0);
     }
 

@@ -329,6 +329,7 @@ mod tests {
         let text = "backhaul_core_batches_received_total 12\n\
             backhaul_core_batches_stored_total 11\n\
             backhaul_core_stored_bytes_total 5000\n\
+            backhaul_core_records_stored_total 2100\n\
             backhaul_core_duplicate_batches_total 1\n\
             backhaul_core_conflicting_batches_total 0\n\
             backhaul_core_group_commits_total 4\n\
@@ -342,6 +343,7 @@ mod tests {
         let m = CoreMetrics::parse(text).unwrap();
         assert_eq!((m.batches_received, m.batches_stored, m.duplicates, m.group_commits), (12, 11, 1, 4));
         assert_eq!((m.connections, m.refused, m.event_to_durable_count), (3, 3, 11));
+        assert_eq!(m.records_stored, 2100);
         assert_eq!(m.event_to_durable.len(), 2);
         assert!(CoreMetrics::parse("backhaul_core_connections 3\n").is_err());
     }

@@ -86,6 +86,9 @@ pub struct MqttArgs {
     /// Seed of the payloads.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Device `d` connects as client id `<prefix>-d<d>`.
+    #[arg(long, default_value = "loadgen")]
+    pub client_prefix: String,
     /// Write the manifest for `loadgen verify` here.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
@@ -136,6 +139,11 @@ struct DeviceOutcome {
     connected: bool,
 }
 
+/// Ack latency in µs, 1 µs to 1 h at 3 significant digits (longer ones count as 1 h).
+fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -146,11 +154,11 @@ async fn device(args: Arc<MqttArgs>, d: u32, start: Instant, live: Arc<Live>) ->
         device: d,
         acked: RangeSet::new(),
         unconfirmed: RangeSet::new(),
-        latency_us: hdrhistogram::Histogram::new(3).expect("valid"),
+        latency_us: latency_histogram(),
         errors: 0,
         connected: false,
     };
-    let id = format!("loadgen-d{d}");
+    let id = format!("{}-d{d}", args.client_prefix);
     let mut o = MqttOptions::new(&id, &args.host, args.port);
     o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_inflight(args.inflight);
     o.set_max_packet_size(1 << 20, 1 << 20);
@@ -395,7 +403,7 @@ async fn finish(
     }
     progress.finish();
     let wall = start.elapsed().as_secs_f64();
-    let mut latency = hdrhistogram::Histogram::<u64>::new(3).expect("valid");
+    let mut latency = latency_histogram();
     let (mut acked, mut unconfirmed, mut errors, mut connected) = (0, 0, 0, 0);
     for o in &outcomes {
         latency.add(&o.latency_us).expect("same precision");

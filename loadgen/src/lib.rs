@@ -30,6 +30,8 @@
 //!   store-and-forward).
 //! - [`outage`]: `loadgen outage`, a WAN outage and the backfill, Backhaul beside a Mosquitto
 //!   bridge fed the same traffic, both verified message by message.
+//! - [`quickstart`]: `loadgen quickstart`, the README's one command: core and agent (listen
+//!   mode), devices for 30 s, everything read back and verified.
 //! - [`trace`]: traceable device payloads (CDRs, SenML) carrying an id and a send time.
 //! - [`verify`]: `loadgen verify`, every acknowledged message found exactly once.
 //! - [`wan`]: `loadgen wan`, a UDP impairment proxy (loss, delay, jitter, reordering,
@@ -55,6 +57,7 @@ pub mod process;
 pub mod progress;
 pub mod prom;
 pub mod quic_edge;
+pub mod quickstart;
 pub mod report;
 pub mod trace;
 pub mod verify;

@@ -240,6 +240,7 @@ fn device_args(args: &OutageArgs, port: u16) -> MqttArgs {
         username: None,
         password: None,
         seed: args.seed,
+        client_prefix: "loadgen".into(),
         manifest: None,
     }
 }

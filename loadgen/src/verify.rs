@@ -147,7 +147,8 @@ impl Verifier {
             let dev = Device { acked, unconfirmed, seen: vec![0; end as usize] };
             anyhow::ensure!(devices.insert(d.device, dev).is_none(), "device {} is listed twice", d.device);
         }
-        let latency = hdrhistogram::Histogram::new(3).expect("3 significant digits is valid");
+        // 1 ms to 30 days; a longer latency counts as 30 days.
+        let latency = hdrhistogram::Histogram::new_with_bounds(1, 30 * 86_400_000, 3).expect("valid bounds");
         Ok(Verifier { devices, latency, unexpected: 0, foreign: 0, bad_lines: 0, records: 0 })
     }
 
@@ -411,6 +412,21 @@ mod tests {
         assert!(v.ok(), "{v:?}");
         assert_eq!((v.expected, v.found, v.records), (100, 100, 100));
         assert_eq!(v.latency(0.99), Some(3));
+    }
+
+    #[test]
+    fn latencies_beyond_a_few_ms_are_kept() {
+        let m = manifest(1, 3, 0);
+        let mut v = Verifier::new(&m).unwrap();
+        let mut g = DeviceGen::new(Kind::Cdr, 1, 0, 0);
+        for (n, delay) in [(0u64, 5i64), (1, 250), (2, 90_000)] {
+            let sent = 1_717_200_000_000 + n as i64;
+            v.record(&g.payload(n, sent), Some(sent + delay));
+        }
+        let v = v.finish();
+        assert_eq!(v.latency(0.0), Some(5));
+        assert!((249..=251).contains(&v.latency(0.5).unwrap()));
+        assert!(v.latency(1.0).unwrap() >= 89_900, "{:?}", v.latency(1.0));
     }
 
     #[test]

@@ -166,6 +166,15 @@ impl BenchReport {
     }
 }
 
+/// Writes `<dir>/<stem>.json`, `.md` and `.svg`.
+pub fn write_report(dir: &std::path::Path, stem: &str, r: &BenchReport) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(format!("{stem}.json")), r.json())?;
+    std::fs::write(dir.join(format!("{stem}.md")), r.markdown())?;
+    std::fs::write(dir.join(format!("{stem}.svg")), r.svg())?;
+    Ok(())
+}
+
 /// 1, 2 or 5 times a power of ten, at least `v`.
 fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());

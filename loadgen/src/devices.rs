@@ -332,6 +332,8 @@ pub struct Finished {
     pub unconfirmed: u64,
     /// The manifest of the run.
     pub manifest: Manifest,
+    /// Publish → acknowledgement, ms: p50, p90, p99, max (empty when nothing was acknowledged).
+    pub ack_latency_ms: Vec<(String, f64)>,
 }
 
 impl Running {
@@ -450,7 +452,15 @@ async fn finish(
     if args.qos > 0 && acked < total {
         failures.push(format!("{} of {total} messages not acknowledged", total - acked));
     }
-    Ok(Finished { failures, acked, unconfirmed, manifest })
+    let ack_latency_ms = if latency.is_empty() {
+        Vec::new()
+    } else {
+        [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)]
+            .iter()
+            .map(|(k, q)| (format!("publish → ack {k}"), latency.value_at_quantile(*q) as f64 / 1e3))
+            .collect()
+    };
+    Ok(Finished { failures, acked, unconfirmed, manifest, ack_latency_ms })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use loadgen::bench::{self, BenchArgs};
 use loadgen::core_ingest::{self, CoreIngestArgs};
 use loadgen::devices::{self, MqttArgs};
 use loadgen::e2e_latency::{self, E2eLatencyArgs};
@@ -56,6 +57,9 @@ enum Command {
     /// The quickstart: core-ingest and edge-agent (listen mode) from deploy/quickstart/, devices
     /// for 30 s, everything read back: published, stored, lost = 0, duplicated = 0.
     Quickstart(QuickstartArgs),
+    /// A named scenario of BENCHMARKS.md (quickstart, wan, outage, outage-short) with its
+    /// JSON and Markdown report and SVG chart.
+    Bench(BenchArgs),
     /// Devices publishing straight to edge-agent (listen mode) vs Mosquitto's own publish →
     /// subscriber rate; PUBACK latency at half the agent's rate; the agent's idle RSS.
     ListenIngest(ListenIngestArgs),
@@ -96,6 +100,10 @@ fn main() -> ExitCode {
             Command::Verify(args) => verify::run(args),
             Command::Outage(args) => tokio::select! {
                 r = outage::run(args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            },
+            Command::Bench(args) => tokio::select! {
+                r = bench::run(args) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
             Command::Quickstart(args) => tokio::select! {

@@ -29,7 +29,7 @@ use clap::Args;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::agent::AgentSettings;
-use crate::bench_report::{BenchReport, Sample};
+use crate::bench_report::{BenchReport, Sample, write_report};
 use crate::core_ingest::sibling_bin;
 use crate::core_node::{CoreNode, CoreSettings, Pki};
 use crate::devices::{self, MqttArgs};
@@ -68,9 +68,16 @@ pub struct OutageArgs {
     /// Device connections.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub devices: u32,
-    /// The outage, LENGTH@START from when message 0 is due.
+    /// The outage, LENGTH@START from when message 0 is due (`0s@0s`: none).
     #[arg(long, default_value = "20s@15s", value_parser = Outage::parse)]
     pub outage: Outage,
+    /// Datagrams lost each way on Backhaul's UDP link, percent (TCP peers: not applicable, TCP
+    /// retransmits; their link gets the delay only).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// One-way delay of every link (RTT = 2 ×).
+    #[arg(long, default_value = "0ms", value_parser = crate::wan::parse_duration)]
+    pub delay: Duration,
     /// Systems to run, one after the other.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Backhaul, System::MosquittoBridge, System::MosquittoBridgeStock, System::NatsLeaf])]
     pub systems: Vec<System>,
@@ -171,11 +178,7 @@ pub async fn run(args: OutageArgs) -> anyhow::Result<Vec<String>> {
             System::NatsLeaf => run_nats(&args, &dir).await?,
         };
         if let Some(rd) = &args.report_dir {
-            std::fs::create_dir_all(rd)?;
-            let stem = rd.join(format!("outage-{}", format!("{system:?}").to_lowercase()));
-            std::fs::write(stem.with_extension("json"), o.report.json())?;
-            std::fs::write(stem.with_extension("md"), o.report.markdown())?;
-            std::fs::write(stem.with_extension("svg"), o.report.svg())?;
+            write_report(rd, &format!("outage-{}", format!("{system:?}").to_lowercase()), &o.report)?;
         }
         outcomes.push(o);
     }
@@ -294,28 +297,34 @@ fn report(
     args: &OutageArgs,
     system: System,
     series: Vec<Sample>,
-    acked: u64,
+    finished: &devices::Finished,
     v: &Verdict,
     (drained, all): (Option<f64>, Option<f64>),
 ) -> BenchReport {
+    let acked = finished.acked;
     let mut r = BenchReport {
         scenario: format!("outage ({system:?})"),
         command: format!(
-            "loadgen outage --rate {} --seconds {} --devices {} --outage {}s@{}s --systems {}",
+            "loadgen outage --rate {} --seconds {} --devices {} --outage {}s@{}s --loss {} --delay {}ms --systems {}",
             args.rate,
             args.seconds,
             args.devices,
             args.outage.length.as_secs(),
             args.outage.start.as_secs(),
+            args.loss,
+            args.delay.as_millis(),
             format!("{system:?}").to_lowercase()
         ),
         series,
+        latency_ms: finished.ack_latency_ms.clone(),
         ..BenchReport::default()
     };
     r.param("rate, msg/s", args.rate);
     r.param("seconds", args.seconds);
     r.param("devices", args.devices);
     r.param("outage", format!("{:?} from {:?}", args.outage.length, args.outage.start));
+    r.param("loss each way (UDP link only)", format!("{}%", args.loss));
+    r.param("one-way delay", format!("{:?}", args.delay));
     r.result("acked at the edge", acked);
     r.result("found at the core once", v.found);
     r.result("lost", v.lost);
@@ -345,14 +354,11 @@ async fn run_backhaul(args: &OutageArgs, dir: &Path, mosquitto_exe: &Path) -> an
     let cert = pki.issue_edge(&forwarding_agent::edge_id())?;
     let mut core = CoreNode::start(&core_exe, dir, &pki, &CoreSettings { partitions: 4 }).await?;
     let broker = Mosquitto::start(mosquitto_exe, dir, 1000)?;
-    let proxy = Proxy::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        core.listen,
-        Impairment::default(),
-        args.seed,
-        ProxyLimits::default(),
-    )
-    .await?;
+    let imp = Impairment { loss: args.loss / 100.0, delay: args.delay, ..Impairment::default() };
+    imp.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let proxy =
+        Proxy::start(SocketAddr::from(([127, 0, 0, 1], 0)), core.listen, imp, args.seed, ProxyLimits::default())
+            .await?;
     let settings =
         AgentSettings { inflight: 1000, linger_ms: 5, fsync_interval_ms: 5, batch_bytes_max: "256KiB", zstd_level: 1 };
     let mut agent =
@@ -387,7 +393,7 @@ async fn run_backhaul(args: &OutageArgs, dir: &Path, mosquitto_exe: &Path) -> an
     anyhow::ensure!(out.status.success(), "core-ingest log dump: {}", String::from_utf8_lossy(&out.stderr));
     verifier.read(&out.stdout[..])?;
     let verdict = verifier.finish();
-    let report = report(args, System::Backhaul, series, finished.acked, &verdict, (drained, all));
+    let report = report(args, System::Backhaul, series, &finished, &verdict, (drained, all));
     Ok(SystemOutcome {
         system: System::Backhaul,
         acked: finished.acked,
@@ -464,7 +470,7 @@ async fn run_bridge(
     let proxy = TcpProxy::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         SocketAddr::from(([127, 0, 0, 1], core_broker.port)),
-        TcpImpairment::default(),
+        TcpImpairment { delay: args.delay, ..TcpImpairment::default() },
     )
     .await?;
     let collector = Collector::start(core_broker.port).await?;
@@ -507,7 +513,7 @@ async fn run_bridge(
     edge_broker.stop()?;
     core_broker.stop()?;
     let verdict = verifier.finish();
-    let report = report(args, system, series, finished.acked, &verdict, (drained, all));
+    let report = report(args, system, series, &finished, &verdict, (drained, all));
     Ok(SystemOutcome {
         system,
         acked: finished.acked,
@@ -525,7 +531,7 @@ async fn run_nats(args: &OutageArgs, dir: &Path) -> anyhow::Result<SystemOutcome
     let proxy = TcpProxy::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         SocketAddr::from(([127, 0, 0, 1], hub.leaf_port)),
-        TcpImpairment::default(),
+        TcpImpairment { delay: args.delay, ..TcpImpairment::default() },
     )
     .await?;
     let leaf = Leaf::start(&exe, dir, proxy.local_addr()).await?;
@@ -554,7 +560,7 @@ async fn run_nats(args: &OutageArgs, dir: &Path) -> anyhow::Result<SystemOutcome
     let verdict = verifier.finish();
     leaf.server.stop()?;
     hub.server.stop()?;
-    let report = report(args, System::NatsLeaf, series, finished.acked, &verdict, (drained, all));
+    let report = report(args, System::NatsLeaf, series, &finished, &verdict, (drained, all));
     Ok(SystemOutcome {
         system: System::NatsLeaf,
         acked: finished.acked,

@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 
 use crate::agent::http_get;
+use crate::bench_report::{BenchReport, Sample, write_report};
 use crate::core_ingest::sibling_bin;
 use crate::devices::{self, MqttArgs};
 use crate::process::Proc;
@@ -52,6 +53,9 @@ pub struct QuickstartArgs {
     /// core-ingest binary (default: beside loadgen).
     #[arg(long, value_name = "PATH")]
     pub core_bin: Option<PathBuf>,
+    /// Write `quickstart.{json,md,svg}` (rates over time, ack latency, counts) here.
+    #[arg(long)]
+    pub report_dir: Option<PathBuf>,
 }
 
 /// What the quickstart needs to know of the two configs.
@@ -236,6 +240,34 @@ pub async fn run_quickstart(args: QuickstartArgs) -> anyhow::Result<Vec<String>>
         "sensors/site-{site}/dev-{device}",
         2,
     ));
+    // Rates over time: acknowledged by the agent, and stored at the core, once a second.
+    let (stop_sampling, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let sampler = {
+        let (a, b) = (cdr.live(), senml.live());
+        let admin = l.core_admin;
+        let t0 = cdr.schedule_start();
+        tokio::spawn(async move {
+            let mut series = Vec::new();
+            let mut last = (0u64, 0u64);
+            let mut tick = tokio::time::interval_at((t0 + Duration::from_secs(1)).into(), Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = &mut stopped => return series,
+                }
+                let acked = a.acked() + b.acked();
+                let stored = core_records(admin).await.map_or(last.1, |n| n.saturating_sub(before));
+                series.push(Sample {
+                    t: t0.elapsed().as_secs_f64(),
+                    rates: vec![
+                        ("acked by the agent".into(), acked.saturating_sub(last.0) as f64),
+                        ("stored at the core".into(), stored.saturating_sub(last.1) as f64),
+                    ],
+                });
+                last = (acked, stored);
+            }
+        })
+    };
     let (cdr, senml) = tokio::try_join!(cdr.finish(), senml.finish())?;
     let acked = cdr.acked + senml.acked;
 
@@ -249,6 +281,8 @@ pub async fn run_quickstart(args: QuickstartArgs) -> anyhow::Result<Vec<String>>
         core.exited().map_or(Ok(()), |s| Err(anyhow::anyhow!("core-ingest exited with {s}")))?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let _ = stop_sampling.send(());
+    let series = sampler.await.context("the sampler")?;
     let agent_stop = agent.terminate(Duration::from_secs(15))?;
     let core_stop = core.terminate(Duration::from_secs(15))?;
 
@@ -294,6 +328,29 @@ pub async fn run_quickstart(args: QuickstartArgs) -> anyhow::Result<Vec<String>>
     }
     if !agent_stop.success() || !core_stop.success() {
         failures.push(format!("agent exit {agent_stop}, core exit {core_stop}"));
+    }
+    if let Some(dir) = &args.report_dir {
+        let mut r = BenchReport {
+            scenario: "quickstart".into(),
+            command: format!(
+                "loadgen quickstart --seconds {} --devices {} --rate {}",
+                args.seconds, args.devices, args.rate
+            ),
+            series,
+            latency_ms: cdr.ack_latency_ms.iter().map(|(k, v)| (format!("CDRs: {k}"), *v)).collect(),
+            failures: failures.clone(),
+            ..BenchReport::default()
+        };
+        r.param("devices", args.devices);
+        r.param("rate, msg/s", args.rate);
+        r.param("seconds", args.seconds);
+        r.result("acknowledged by the agent", acked);
+        r.result("stored at the core", stored);
+        r.result("found exactly once", vc.found + vs.found);
+        r.result("lost", lost);
+        r.result("duplicated", dup);
+        r.result("objects tiered", objects.map_or("-".into(), |n| n.to_string()));
+        write_report(dir, "quickstart", &r)?;
     }
     Ok(failures)
 }

@@ -55,6 +55,8 @@ fn the_quickstart_stores_every_acknowledged_record_once() {
         sibling_bin("edge-agent").to_str().unwrap(),
         "--core-bin",
         sibling_bin("core-ingest").to_str().unwrap(),
+        "--report-dir",
+        dir.path().join("report").to_str().unwrap(),
     ]);
     let r = stdout.lines().filter(|l| l.starts_with("RESULT acked=")).map(ResultLine::of).next().expect("summary");
     assert_eq!(r.num("acked"), 1200, "{stdout}");
@@ -62,4 +64,10 @@ fn the_quickstart_stores_every_acknowledged_record_once() {
     assert_eq!((r.num("lost"), r.num("duplicated")), (0, 0));
     assert_eq!((r.num("agent_exit"), r.num("core_exit")), (0, 0));
     assert!(stdout.contains("Look at the data:") && stdout.contains("log dump --data-dir"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report/quickstart.json")).unwrap()).unwrap();
+    assert!(report["series"].as_array().unwrap().len() >= 2, "{report}");
+    assert!(report["failures"].as_array().unwrap().is_empty());
+    let svg = std::fs::read_to_string(dir.path().join("report/quickstart.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
 }

@@ -14,6 +14,7 @@
 
 use std::io::Write;
 
+pub mod catalog;
 pub mod certs;
 pub mod cli;
 pub mod config;

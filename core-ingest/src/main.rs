@@ -18,8 +18,19 @@ fn main() -> ExitCode {
     if let Command::Log(command) = &cli.command {
         return run_log_command(command);
     }
+    if let Command::Read(args) = &cli.command {
+        let mut out = BufWriter::new(io::stdout().lock());
+        return match core_ingest::readcmd::read(args, &mut out, &mut io::stderr()) {
+            Ok(code) => ExitCode::from(code),
+            Err(error) => {
+                let _ = writeln!(io::stderr(), "core-ingest: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match &cli.command {
         Command::Run(args) => run(&args.config),
+        Command::Status(args) => core_ingest::readcmd::status(&args.config, &mut io::stdout().lock()),
         Command::Validate(args) => match Config::load(&args.config) {
             Ok(c) => {
                 let _ = writeln!(io::stdout(), "{}: ok (node {}, listen {})", args.config.display(), c.node, c.listen);
@@ -47,7 +58,7 @@ fn default_filter(command: &Command) -> &'static str {
     match command {
         // The log tools print every problem themselves, in their own format; the log's own
         // recovery messages would say each one twice.
-        Command::Log(_) => "warn,shared::log=off",
+        Command::Log(_) | Command::Read(_) => "warn,shared::log=off",
         _ => "info",
     }
 }

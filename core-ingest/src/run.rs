@@ -2,17 +2,20 @@
 //! Shutdown: stop accepting, let the store sync and answer what it holds, stop.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use shared::admin::{self, AdminState, Health};
 use shared::tls;
 use tokio::sync::watch;
 
+use crate::catalog::{Catalog, SegmentState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{self, ServerContext};
 use crate::store::{Store, StoreConfig};
+use crate::tier::Tierer;
+use shared::wire::session::ProducerKey;
 
 /// Batches waiting for the store: bounds memory when the disk is slower than the edges (at
 /// the default 256 KiB edge batches, 256 MiB; each edge's window bounds its own share too).
@@ -20,19 +23,35 @@ const STORE_QUEUE_LEN: usize = 1024;
 /// Most QUIC streams an edge may open: a control stream and two lanes per log stream.
 const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 
+/// The identity kind of a core data directory.
+pub const IDENTITY_KIND: &str = "backhaul-core";
+
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let incarnation = shared::identity::open_or_create(&config.data_dir, "backhaul-core")
+    let incarnation = shared::identity::open_or_create(&config.data_dir, IDENTITY_KIND)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::new());
     health.set_not_ready("starting");
 
+    let catalog_path = config.data_dir.join(crate::catalog::CATALOG_FILE);
+    let catalog = Catalog::open(&catalog_path)?;
+    // Dedup must cover batches whose segments left the disk for the bucket.
+    let tiered_ranges = catalog
+        .ranges_in_states(&[SegmentState::LocalDeleted])?
+        .into_iter()
+        .map(|(stream, r)| (ProducerKey { edge: r.edge, epoch: r.epoch, stream }, r.seqs))
+        .collect();
+    let catalog = Arc::new(Mutex::new(catalog));
+    let (objects, prefix) =
+        crate::tier::store::open(config.tier.object_store.as_deref(), &config.data_dir).map_err(anyhow::Error::msg)?;
     let store_config = StoreConfig {
         data_dir: config.data_dir.clone(),
         partitions: config.partitions,
         segment_bytes_max: config.segment_bytes_max.0,
+        disk_budget_bytes: config.tier.disk_budget_bytes.0,
+        tiered_ranges,
     };
     let store = Store::open(store_config, metrics.clone()).context("opening the stream logs")?;
     let (store, store_thread) = store.spawn(STORE_QUEUE_LEN).context("starting the store")?;
@@ -77,6 +96,51 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.node.clone(),
         incarnation,
     ));
+    let tierer = Tierer::new(
+        config.tier.clone(),
+        store.clone(),
+        objects,
+        prefix,
+        config.node.clone(),
+        incarnation,
+        catalog.clone(),
+        metrics.clone(),
+    );
+    let mut tier_stop = stop_rx.clone();
+    let tier_task = tokio::spawn(tierer.drive(async move {
+        let _ = tier_stop.changed().await;
+    }));
+
+    let read_listener = match config.read_api.listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("read_api.listen {addr}"))?)
+        }
+        None => None,
+    };
+    let (read_objects, read_prefix) =
+        crate::tier::store::open(config.tier.object_store.as_deref(), &config.data_dir).map_err(anyhow::Error::msg)?;
+    let api_state = crate::readapi::ApiState {
+        sources: crate::read::ReadSources {
+            data_dir: config.data_dir.clone(),
+            node: config.node.clone(),
+            incarnation: Some(incarnation),
+            objects: read_objects,
+            prefix: read_prefix,
+            handle: tokio::runtime::Handle::current(),
+        },
+        catalog: catalog.clone(),
+        node: config.node.clone(),
+    };
+    let mut api_stop = stop_rx.clone();
+    let api_task = tokio::spawn(async move {
+        if let Some(listener) = read_listener {
+            crate::readapi::serve(listener, api_state, async move {
+                let _ = api_stop.changed().await;
+            })
+            .await;
+        }
+    });
+
     let mut server_stop = stop_rx.clone();
     let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx, async move {
         let _ = server_stop.changed().await;
@@ -90,6 +154,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     health.set_not_ready("shutting down");
     let _ = stop_tx.send(true);
     let _ = server_task.await;
+    let _ = tier_task.await;
+    let _ = api_task.await;
     store.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     let _ = admin_task.await;

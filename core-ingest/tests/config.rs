@@ -12,7 +12,7 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/core-inges
 
 /// Every key of [`Config`] and its `[tls]` table. `deny_unknown_fields` catches keys the
 /// example has and the config does not; this list catches the other way round.
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 23] = [
     "node",
     "data_dir",
     "listen",
@@ -27,6 +27,15 @@ const KEYS: [&str; 14] = [
     "ca_file",
     "cert_file",
     "key_file",
+    "object_store",
+    "tier_after",
+    "local_retention",
+    "disk_budget_bytes",
+    "interval",
+    "retry_backoff_initial",
+    "retry_backoff_max",
+    "multipart_threshold_bytes",
+    "part_bytes",
 ];
 
 /// The example next to a `pki/` directory holding the certificates it names.

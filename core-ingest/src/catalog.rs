@@ -7,7 +7,7 @@
 //! between two steps leaves a segment in the earlier state and the tierer simply runs the step
 //! again: uploads are idempotent and the manifest is create-only (see [`crate::tier`]).
 //!
-//! Schema migrations run by `PRAGMA user_version`: [`MIGRATIONS`]`[i]` takes version `i` to
+//! Schema migrations run by `PRAGMA user_version`: step `i` of `MIGRATIONS` takes version `i` to
 //! `i + 1`, inside one transaction.
 
 use std::ops::Range;

@@ -13,7 +13,8 @@
 //! Damage never stops a read: a damaged object or local segment is reported with its key (or
 //! file) and byte offset, and the batches around it are still read.
 //!
-//! The engine is synchronous; object store calls run on the given runtime handle, so the CLI
+//! The engine is synchronous; object store calls run on the given handle of a multi-thread
+//! runtime (`Handle::block_on` drives no IO on a current-thread one), so the CLI
 //! (its own runtime) and the HTTP API (a blocking task) share it.
 
 use std::collections::{BTreeMap, HashSet};

@@ -65,7 +65,10 @@ pub fn read(args: &ReadArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     )
     .map_err(anyhow::Error::msg)?;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    // Multi-thread: the engine calls `Handle::block_on`, which cannot drive IO on a
+    // current-thread runtime.
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("tokio runtime")?;
     let src = sources(&config, runtime.handle().clone())?;
     let result = crate::read::read_records(&src, &q, &mut |line| {
         out.write_all(line.as_bytes())?;

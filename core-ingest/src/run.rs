@@ -37,12 +37,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let catalog_path = config.data_dir.join(crate::catalog::CATALOG_FILE);
     let catalog = Catalog::open(&catalog_path)?;
-    // Dedup must cover batches whose segments left the disk for the bucket.
-    let tiered_ranges = catalog
-        .ranges_in_states(&[SegmentState::LocalDeleted])?
-        .into_iter()
-        .map(|(stream, r)| (ProducerKey { edge: r.edge, epoch: r.epoch, stream }, r.seqs))
-        .collect();
+    let tiered_ranges = dedup_seed(&catalog)?;
     let catalog = Arc::new(Mutex::new(catalog));
     let (objects, prefix) =
         crate::tier::store::open(config.tier.object_store.as_deref(), &config.data_dir).map_err(anyhow::Error::msg)?;
@@ -162,6 +157,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     endpoint.wait_idle().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The seq ranges dedup must hold beyond the local logs: those of tiered segments whose local
+/// copies are gone, so a batch resent after its segment left the disk is acknowledged, not
+/// stored twice.
+pub fn dedup_seed(catalog: &Catalog) -> Result<Vec<(ProducerKey, std::ops::Range<u64>)>, crate::catalog::CatalogError> {
+    Ok(catalog
+        .ranges_in_states(&[SegmentState::LocalDeleted])?
+        .into_iter()
+        .map(|(stream, r)| (ProducerKey { edge: r.edge, epoch: r.epoch, stream }, r.seqs))
+        .collect())
 }
 
 impl shared::admin::RenderMetrics for Metrics {

@@ -707,7 +707,8 @@ mod tests {
         rt.block_on(async {
             assert_eq!(handle.append(key(), 10..20, batch(1)).await.unwrap(), Stored::Duplicate);
             assert_eq!(handle.append(key(), 20..30, batch(2)).await.unwrap(), Stored::Durable);
-            assert_eq!(handle.held(vec![key()]).await.unwrap()[0].ranges(), &[0..30]);
+            let held = handle.held(vec![key()]).await.unwrap();
+            assert!(held[0].contains_range(&(0..30)) && held[0].ranges().len() == 1, "{held:?}");
             handle.shutdown().await;
         });
         thread.join().unwrap();

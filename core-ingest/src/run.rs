@@ -82,16 +82,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let _ = admin_stop.changed().await;
     }));
 
+    let (tiered_tx, tiered_rx) = watch::channel(Arc::default());
     let allow = config.allow_edges.clone().map(|v| v.into_iter().collect());
-    let ctx = Arc::new(ServerContext::new(
+    let mut ctx = ServerContext::new(
         store.clone(),
         metrics.clone(),
         allow,
         config.connections_max as u64,
         config.node.clone(),
         incarnation,
-    ));
-    let tierer = Tierer::new(
+    );
+    ctx.tiered = tiered_rx;
+    let ctx = Arc::new(ctx);
+    let mut tierer = Tierer::new(
         config.tier.clone(),
         store.clone(),
         objects,
@@ -101,6 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         catalog.clone(),
         metrics.clone(),
     );
+    tierer.publish_tiered(tiered_tx)?;
     let mut tier_stop = stop_rx.clone();
     let tier_task = tokio::spawn(tierer.drive(async move {
         let _ = tier_stop.changed().await;

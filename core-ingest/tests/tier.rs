@@ -152,6 +152,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, down: &AtomicBool, count: Option
 /// A node directory (config, certificates, data) and, when running, its process.
 struct Node {
     tmp: tempfile::TempDir,
+    /// The test CA and its key (for edge certificates).
+    ca: (String, String),
+    listen: SocketAddr,
     s3: SocketAddr,
     admin: SocketAddr,
     read_api: SocketAddr,
@@ -180,7 +183,7 @@ impl Node {
              [tls]\nca_file = \"pki/ca.pem\"\ncert_file = \"pki/server.pem\"\nkey_file = \"pki/server.key\"\n"
         );
         std::fs::write(tmp.path().join("core-ingest.toml"), config).unwrap();
-        Node { tmp, s3, admin, read_api, child: None, stderr: Arc::default() }
+        Node { tmp, ca: (ca, ca_key), listen, s3, admin, read_api, child: None, stderr: Arc::default() }
     }
 
     fn config(&self) -> PathBuf {
@@ -506,6 +509,43 @@ fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
+/// Connects to `node` as `edge` (a certificate from the test CA), says HELLO, and returns the
+/// first TIERED frame's ranges for [`STREAM`] and the marks of the ack of a resent batch 0.
+async fn tiered_as_edge(node: &Node, edge: &str, epoch: u64) -> (shared::ranges::RangeSet, u8) {
+    use quinn::crypto::rustls::QuicClientConfig;
+    use shared::quic::{read_frame, write_frame};
+    use shared::wire::Frame;
+    use shared::wire::frame::StreamOffer;
+    let (cert, key) = tls::issue_edge_cert(&node.ca.0, &node.ca.1, edge, 10).unwrap();
+    let tls = tls::client_config(node.ca.0.as_bytes(), cert.as_bytes(), key.as_bytes(), &[tls::ALPN_V1]).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.connect_with(config, node.listen, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let streams = vec![StreamOffer { name: STREAM.into(), first_retained: 0, next: 1_000_000 }];
+    write_frame(&mut send, &Frame::Hello { version: 1, epoch, edge_id: edge.into(), streams }).await.unwrap();
+    let mut buf = BytesMut::new();
+    match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
+        Ok(Some(Frame::Welcome { .. })) => {}
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    let ranges = match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
+        Ok(Some(Frame::Tiered { stream, ranges })) if stream == STREAM => ranges,
+        other => panic!("expected TIERED, got {other:?}"),
+    };
+    let (mut dsend, mut drecv) = conn.open_bi().await.unwrap();
+    let open = Frame::Open { stream: STREAM.into(), lane: shared::wire::Lane::Live };
+    write_frame(&mut dsend, &open).await.unwrap();
+    write_frame(&mut dsend, &Frame::Batch(batch_of(edge, epoch, 0..RECORDS_PER_BATCH, 300))).await.unwrap();
+    let mut dbuf = BytesMut::new();
+    let marks = match tokio::time::timeout(WAIT, read_frame(&mut drecv, &mut dbuf)).await.unwrap() {
+        Ok(Some(Frame::Ack { start: 0, end, marks })) if end == RECORDS_PER_BATCH => marks,
+        other => panic!("expected the ack of batch 0, got {other:?}"),
+    };
+    conn.close(0u32.into(), b"done");
+    (ranges, marks)
+}
+
 // ---- the tests -----------------------------------------------------------------------------
 
 #[test]
@@ -572,6 +612,17 @@ fn segments_tier_local_copies_go_and_reads_return_every_record_once() {
     let o = node.command().args(["status", "--config"]).arg(node.config()).output().unwrap();
     let status: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(status["tiering_backlog_segments"], 0, "{status}");
+
+    // An edge that connects hears what of its stream is in the bucket (TIERED on the control
+    // stream), and a resent batch is acked with the tiered mark.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (edge, epoch) = EDGES[1];
+    let (tiered, marks) = rt.block_on(tiered_as_edge(&node, edge, epoch));
+    let in_closed: Vec<u64> = expected.iter().filter(|k| k.0 == edge).map(|k| k.2).collect();
+    assert_eq!(tiered.ranges().len(), 1, "{tiered:?}");
+    assert_eq!(tiered.ranges()[0].start, 0, "{tiered:?}");
+    assert!(tiered.ranges()[0].end > 0 && tiered.ranges()[0].end <= in_closed.len() as u64, "{tiered:?}");
+    assert_eq!(marks, shared::wire::frame::marks::DURABLE | shared::wire::frame::marks::TIERED);
 
     // Dedup covers what left the disk: the catalog seeds the store, and a resent batch is held.
     node.kill();

@@ -31,6 +31,8 @@ use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
 use shared::batch::BatchLimits;
+use shared::ranges::RangeSet;
+use shared::wire::session::ProducerKey;
 use thiserror::Error;
 
 use crate::catalog::{Catalog, CatalogError, SegmentId, SegmentRow, SegmentState};
@@ -39,6 +41,18 @@ use crate::metrics::Metrics;
 use crate::store::StoreHandle;
 use manifest::{MANIFEST_FORMAT, Manifest, ManifestRange, object_keys};
 use plan::{PlanLimits, SegmentView};
+
+/// Seq ranges in the bucket per (edge, epoch, stream).
+pub type TieredRanges = HashMap<ProducerKey, RangeSet>;
+
+/// What the catalog says is in the bucket, per producer.
+pub fn tiered_ranges(catalog: &Catalog) -> Result<TieredRanges, CatalogError> {
+    let mut out = TieredRanges::new();
+    for (stream, r) in catalog.ranges_in_states(&[SegmentState::Tiered, SegmentState::LocalDeleted])? {
+        out.entry(ProducerKey { edge: r.edge, epoch: r.epoch, stream }).or_default().insert(r.seqs);
+    }
+    Ok(out)
+}
 
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT_MAX: usize = 4;
@@ -117,6 +131,7 @@ pub struct Tierer {
     catalog: Arc<Mutex<Catalog>>,
     metrics: Arc<Metrics>,
     failures: u32,
+    tiered: Option<tokio::sync::watch::Sender<Arc<TieredRanges>>>,
 }
 
 impl Tierer {
@@ -132,7 +147,14 @@ impl Tierer {
         catalog: Arc<Mutex<Catalog>>,
         metrics: Arc<Metrics>,
     ) -> Tierer {
-        Tierer { config, store, objects, prefix, node, incarnation, catalog, metrics, failures: 0 }
+        Tierer { config, store, objects, prefix, node, incarnation, catalog, metrics, failures: 0, tiered: None }
+    }
+
+    /// Publishes what is in the bucket to `tx` (now, and after each round that tiered more).
+    pub fn publish_tiered(&mut self, tx: tokio::sync::watch::Sender<Arc<TieredRanges>>) -> Result<(), CatalogError> {
+        tx.send_replace(Arc::new(tiered_ranges(&self.catalog())?));
+        self.tiered = Some(tx);
+        Ok(())
     }
 
     /// Runs rounds every `interval` (after a failure: after the backoff) until `stop`.
@@ -215,12 +237,22 @@ impl Tierer {
             })?;
             if let Err(e) = self.tier_segment(&row).await {
                 self.catalog().note_failure(id, &e.to_string(), now_ms())?;
+                if report.uploaded > 0
+                    && let Some(tx) = &self.tiered
+                {
+                    tx.send_replace(Arc::new(tiered_ranges(&self.catalog())?));
+                }
                 self.metrics.tier.backlog_segments.set((untiered - report.uploaded) as u64);
                 return Err(e);
             }
             report.uploaded += 1;
         }
         report.backlog = untiered - report.uploaded;
+        if report.uploaded > 0
+            && let Some(tx) = &self.tiered
+        {
+            tx.send_replace(Arc::new(tiered_ranges(&self.catalog())?));
+        }
         self.metrics.tier.backlog_segments.set(report.backlog as u64);
         for release in plan.delete_local {
             let removed = self

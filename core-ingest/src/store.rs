@@ -667,6 +667,11 @@ mod tests {
             let held = loop {
                 let rx = handle.append_pipelined(key(), k * 10..k * 10 + 10, batch(k)).await.unwrap();
                 let snap = handle.tier_snapshot().await.unwrap();
+                if k == 0 {
+                    let e = &snap.edges[0];
+                    assert_eq!((e.edge.as_str(), e.records, e.gaps), ("e1", 10, 0), "{e:?}");
+                    assert!(e.bytes > 20_000 && e.last_seen_ms > 0, "{e:?}");
+                }
                 if snap.backpressure {
                     break rx;
                 }
@@ -676,6 +681,7 @@ mod tests {
             };
             let snap = handle.tier_snapshot().await.unwrap();
             assert!(snap.disk_bytes > 200 << 10);
+            assert!(snap.edges.is_empty(), "edge counters go to the tierer once");
             assert_eq!(metrics.tier.backpressure_waits.get(), 1);
             let mut held = held;
             assert!(held.try_recv().is_err(), "no answer while the disk budget is full");

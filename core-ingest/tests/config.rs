@@ -103,3 +103,21 @@ fn validate_accepts_the_example_and_names_a_typo() {
     let out = validate(&tmp.path().join("pki/missing.toml")).unwrap();
     assert_ne!(out.status.code(), Some(0));
 }
+
+#[test]
+fn tier_and_read_api_problems_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = example_beside_certs(tmp.path());
+    let text = fs::read_to_string(&path).unwrap();
+    let bad = text
+        .replacen("# object_store = \"s3://backhaul-core/prod\"", "object_store = \"gs://elsewhere\"", 1)
+        .replacen("# listen = \"127.0.0.1:9466\"", "listen = \"0.0.0.0:9466\"", 1)
+        .replacen("part_bytes = \"8MiB\"", "part_bytes = \"1MiB\"", 1)
+        .replacen("retry_backoff_max = \"60s\"", "retry_backoff_max = \"10ms\"", 1);
+    let err = Config::parse(&bad, &path).unwrap_err().to_string();
+    for key in ["tier.object_store", "read_api.listen", "tier.part_bytes", "tier.retry_backoff_max"] {
+        assert!(err.contains(key), "{key} is named: {err}");
+    }
+    let ok = text.replacen("# listen = \"127.0.0.1:9466\"", "listen = \"127.0.0.1:9466\"", 1);
+    assert_eq!(Config::parse(&ok, &path).unwrap().read_api.listen, Some("127.0.0.1:9466".parse().unwrap()));
+}

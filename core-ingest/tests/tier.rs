@@ -473,10 +473,11 @@ fn check_bucket_with(bucket: &Arc<dyn ObjectStore>, orphans_allowed: bool) -> Ve
     let named: BTreeSet<&String> = manifests.iter().flat_map(|m| [&m.segment_key, &m.index_key]).collect();
     let orphans: Vec<_> = keys.iter().filter(|k| !k.ends_with(".manifest") && !named.contains(k)).collect();
     assert!(orphans_allowed || orphans.is_empty(), "objects no manifest names: {orphans:?}");
-    let mut segments: Vec<_> = manifests.iter().map(|m| (m.partition, m.base_offset)).collect();
+    let mut segments: Vec<_> =
+        manifests.iter().map(|m| (&m.node, &m.incarnation, m.partition, m.base_offset)).collect();
     segments.sort();
     segments.dedup();
-    assert_eq!(segments.len(), manifests.len(), "one manifest per segment");
+    assert_eq!(segments.len(), manifests.len(), "one manifest per segment of a node incarnation");
     manifests
 }
 
@@ -624,8 +625,32 @@ fn segments_tier_local_copies_go_and_reads_return_every_record_once() {
     assert!(tiered.ranges()[0].end > 0 && tiered.ranges()[0].end <= in_closed.len() as u64, "{tiered:?}");
     assert_eq!(marks, shared::wire::frame::marks::DURABLE | shared::wire::frame::marks::TIERED);
 
-    // Dedup covers what left the disk: the catalog seeds the store, and a resent batch is held.
+    // A failover stored the same batches on a second node: its objects share the bucket, and
+    // a read still gives each record once.
     node.kill();
+    let bucket = node.bucket();
+    let rt2 = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for m in &manifests {
+        let mine = format!("/test-core-{}/", m.incarnation);
+        let other = "/core-2-00000000000000ff/";
+        let mut copy = m.clone();
+        copy.node = "core-2".into();
+        copy.incarnation = "00000000000000ff".into();
+        copy.segment_key = m.segment_key.replace(&mine, other);
+        copy.index_key = m.index_key.replace(&mine, other);
+        let manifest_key = copy.segment_key.replace(".seg", ".manifest");
+        rt2.block_on(async {
+            for (from, to) in [(&m.segment_key, &copy.segment_key), (&m.index_key, &copy.index_key)] {
+                let bytes = bucket.get(&ObjectPath::from(from.as_str())).await.unwrap().bytes().await.unwrap();
+                bucket.put(&ObjectPath::from(to.as_str()), PutPayload::from(bytes)).await.unwrap();
+            }
+            bucket.put(&ObjectPath::from(manifest_key.as_str()), PutPayload::from(copy.encode())).await.unwrap();
+        });
+    }
+    assert_eq!(check_bucket(&bucket).len(), 2 * manifests.len(), "two nodes' objects in the bucket");
+    assert_exactly_once(&node.read_all(), &expected);
+
+    // Dedup covers what left the disk: the catalog seeds the store, and a resent batch is held.
     let catalog = Catalog::open(&node.data_dir().join(CATALOG_FILE)).unwrap();
     assert!(catalog.segments().unwrap().iter().all(|s| s.state == SegmentState::LocalDeleted));
     let seed = core_ingest::run::dedup_seed(&catalog).unwrap();

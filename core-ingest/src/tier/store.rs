@@ -6,9 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use object_store::ObjectStore;
+use std::time::Duration;
+
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
+use object_store::{ObjectStore, RetryConfig};
 
 /// A parsed `object_store` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,8 +63,14 @@ pub fn open(url: Option<&str>, data_dir: &Path) -> Result<(Arc<dyn ObjectStore>,
             Ok((Arc::new(fs), String::new()))
         }
         StoreUrl::S3 { bucket, prefix } => {
+            // The client's own retries stay short (3 tries within 15 s): the tierer retries
+            // whole rounds with its own capped backoff and counts each failure, so an outage
+            // shows in the metric instead of hiding in minutes of client retries.
+            let retry =
+                RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(15), ..RetryConfig::default() };
             let s3 = AmazonS3Builder::from_env()
                 .with_bucket_name(&bucket)
+                .with_retry(retry)
                 .build()
                 .map_err(|e| format!("object store s3://{bucket}: {e}"))?;
             Ok((Arc::new(s3), prefix))

@@ -6,8 +6,9 @@
 //! 3. PUTs the same segment bytes with plain `object_store` puts (the peer figure),
 //! 4. reads every record back from the bucket with the read engine and reports records/s.
 //!
-//! `cargo run --release -p core-ingest --example tier_bench -- [MB]` (default 64 MB of
-//! segments). Needs `python3 -m moto.server` (pip install 'moto[server]'); it is started on an
+//! `cargo build --release -p core-ingest --example tier_bench &&
+//! taskset -c 1 target/release/examples/tier_bench [MB]` (default 64 MB of batches). Needs
+//! `python3 -m moto.server` (pip install 'moto[server]'); it is started pinned to CPU 0 on an
 //! ephemeral port and stopped by PID.
 
 use std::net::TcpListener;
@@ -37,18 +38,21 @@ fn main() -> anyhow::Result<()> {
     let mb: u64 = std::env::args().nth(1).map_or(Ok(64), |a| a.parse())?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut moto = Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+    // moto on CPU 0 (taskset execs, so the PID stays moto's); run the bench itself with
+    // `taskset -c 1` to keep the two apart.
+    let mut moto = Command::new("taskset")
+        .args(["-c", "0", "python3", "-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let result = bench(port, mb);
+    let result = bench(port, mb, moto.id());
     let _ = moto.kill();
     let _ = moto.wait();
     result
 }
 
-fn bench(port: u16, mb: u64) -> anyhow::Result<()> {
+fn bench(port: u16, mb: u64, moto_pid: u32) -> anyhow::Result<()> {
+    let moto_cpu = || cpu_seconds_of(&format!("/proc/{moto_pid}/stat"));
     let endpoint = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -122,14 +126,14 @@ fn bench(port: u16, mb: u64) -> anyhow::Result<()> {
         catalog.clone(),
         metrics.clone(),
     );
-    let cpu0 = cpu_seconds();
+    let (cpu0, moto0) = (cpu_seconds(), moto_cpu());
     let t = Instant::now();
     let report = rt.block_on(tierer.round())?;
     let tier_s = t.elapsed().as_secs_f64();
-    let tier_cpu = cpu_seconds() - cpu0;
+    let (tier_cpu, tier_moto) = (cpu_seconds() - cpu0, moto_cpu() - moto0);
     let tiered_bytes = metrics.tier.bytes.get();
     println!(
-        "tierer: {} segments, {:.1} MB in {tier_s:.2} s = {:.1} MB/s (upload + read-back verify + index + manifest + catalog; {tier_cpu:.2} CPU s in this process)",
+        "tierer: {} segments, {:.1} MB in {tier_s:.2} s = {:.1} MB/s (upload + read-back verify + index + manifest + catalog; CPU s: bench {tier_cpu:.2}, moto {tier_moto:.2})",
         report.uploaded,
         tiered_bytes as f64 / 1e6,
         tiered_bytes as f64 / 1e6 / tier_s
@@ -138,7 +142,7 @@ fn bench(port: u16, mb: u64) -> anyhow::Result<()> {
     // 3. The peer: plain puts of the same bytes (single PUTs: 8 MiB segments stay below the
     //    tierer's 16 MiB multipart threshold, so both sides use single PUTs).
     let segments: Vec<_> = catalog.lock().unwrap().segments()?;
-    let cpu0 = cpu_seconds();
+    let (cpu0, moto0) = (cpu_seconds(), moto_cpu());
     let t = Instant::now();
     let mut put_bytes = 0u64;
     rt.block_on(async {
@@ -152,11 +156,12 @@ fn bench(port: u16, mb: u64) -> anyhow::Result<()> {
     })?;
     let put_s = t.elapsed().as_secs_f64();
     println!(
-        "plain object_store put: {} objects, {:.1} MB in {put_s:.2} s = {:.1} MB/s ({:.2} CPU s)",
+        "plain object_store put: {} objects, {:.1} MB in {put_s:.2} s = {:.1} MB/s (CPU s: bench {:.2}, moto {:.2})",
         segments.len(),
         put_bytes as f64 / 1e6,
         put_bytes as f64 / 1e6 / put_s,
-        cpu_seconds() - cpu0
+        cpu_seconds() - cpu0,
+        moto_cpu() - moto0
     );
 
     // 4. Read everything back from the bucket (the local copies removed first).
@@ -179,7 +184,7 @@ fn bench(port: u16, mb: u64) -> anyhow::Result<()> {
         handle: rt.handle().clone(),
     };
     let q = ReadQuery { stream: "cdr".into(), ..ReadQuery::default() };
-    let cpu0 = cpu_seconds();
+    let (cpu0, moto0) = (cpu_seconds(), moto_cpu());
     let t = Instant::now();
     let mut out_bytes = 0u64;
     let outcome = core_ingest::read::read_records(&src, &q, &mut |line| {
@@ -190,12 +195,14 @@ fn bench(port: u16, mb: u64) -> anyhow::Result<()> {
     anyhow::ensure!(outcome.records == tiered_records, "read {} of {tiered_records} tiered records", outcome.records);
     anyhow::ensure!(outcome.problems.is_empty(), "problems: {:?}", outcome.problems);
     println!(
-        "read from the bucket: {} records ({:.1} MB of NDJSON) in {read_s:.2} s = {:.0} records/s ({:.2} CPU s)",
+        "read from the bucket: {} records ({:.1} MB of NDJSON) in {read_s:.2} s = {:.0} records/s (CPU s: bench {:.2}, moto {:.2})",
         outcome.records,
         out_bytes as f64 / 1e6,
         outcome.records as f64 / read_s,
-        cpu_seconds() - cpu0
+        cpu_seconds() - cpu0,
+        moto_cpu() - moto0
     );
+    println!("load average after the run: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     rt.block_on(handle.shutdown());
     let _ = thread.join();
     Ok(())
@@ -246,7 +253,12 @@ fn batch(edge: &str, range: std::ops::Range<u64>) -> anyhow::Result<Batch> {
 
 /// CPU seconds (user + system) of this process so far, from /proc.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// CPU seconds (user + system) of the process whose `stat` file is `path`.
+fn cpu_seconds_of(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0

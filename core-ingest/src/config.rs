@@ -139,8 +139,44 @@ impl TierConfig {
 #[serde(deny_unknown_fields)]
 pub struct ReadApiConfig {
     /// TCP address of the read API; unset: no HTTP read API (`core-ingest read` still works).
-    /// It serves billing data without TLS or tokens, so only a loopback address is accepted.
+    /// It serves billing data: a non-loopback address needs TLS and tokens.
     pub listen: Option<SocketAddr>,
+    /// Server certificate (PEM) for HTTPS; with `key_file`. Unset: plain HTTP.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Per-stream bearer tokens (`stream = "token"`, or `"env:VAR"` to take it from the
+    /// environment). When set, a request for a stream's records needs `Authorization: Bearer
+    /// <its token>`; `/v1/streams` and `/v1/status` need any of them.
+    #[serde(default)]
+    pub tokens: std::collections::BTreeMap<String, String>,
+}
+
+/// Shortest literal bearer token accepted.
+pub const TOKEN_LEN_MIN: usize = 16;
+
+impl ReadApiConfig {
+    /// The tokens with `env:VAR` values read from the environment; the error names the key.
+    pub fn resolved_tokens(&self) -> Result<std::collections::BTreeMap<String, String>, (String, String)> {
+        let mut out = std::collections::BTreeMap::new();
+        for (stream, value) in &self.tokens {
+            let key = format!("read_api.tokens.{stream}");
+            if !shared::batch::is_valid_stream_name(stream) {
+                return Err((key, "not a valid stream name".into()));
+            }
+            let token = match value.strip_prefix("env:") {
+                Some(var) => {
+                    std::env::var(var).map_err(|_| (key.clone(), format!("environment variable {var} is not set")))?
+                }
+                None => value.clone(),
+            };
+            if token.len() < TOKEN_LEN_MIN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err((key, format!("at least {TOKEN_LEN_MIN} printable ASCII characters, no spaces")));
+            }
+            out.insert(stream.clone(), token);
+        }
+        Ok(out)
+    }
 }
 
 /// `[tls]`
@@ -188,7 +224,11 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut c: Config = shared::config::parse_toml(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for f in [&mut c.tls.ca_file, &mut c.tls.cert_file, &mut c.tls.key_file, &mut c.data_dir] {
+        for f in [&mut c.tls.ca_file, &mut c.tls.cert_file, &mut c.tls.key_file, &mut c.data_dir]
+            .into_iter()
+            .chain(c.read_api.cert_file.as_mut())
+            .chain(c.read_api.key_file.as_mut())
+        {
             if f.is_relative() {
                 *f = base.join(&*f);
             }
@@ -223,19 +263,41 @@ impl Config {
             p.push(("segment_bytes_max".into(), "at least 64KiB".into()));
         }
         validate_tier(&c.tier, &mut p);
-        if c.read_api.listen.is_some_and(|a| !a.ip().is_loopback()) {
-            p.push((
-                "read_api.listen".into(),
-                "must be a loopback address: the read API serves billing data and this build has no TLS or tokens for it"
-                    .into(),
-            ));
-        }
+        validate_read_api(&c.read_api, &mut p);
         if let Some(allow) = &c.allow_edges
             && allow.is_empty()
         {
             p.push(("allow_edges".into(), "empty: no edge could connect (remove the key to allow any)".into()));
         }
         if p.is_empty() { Ok(c) } else { Err(ConfigError { file: path.into(), problems: p }) }
+    }
+}
+
+fn validate_read_api(r: &ReadApiConfig, p: &mut Vec<(String, String)>) {
+    let tls = match (&r.cert_file, &r.key_file) {
+        (Some(c), Some(k)) => {
+            for (key, f) in [("read_api.cert_file", c), ("read_api.key_file", k)] {
+                if !f.is_file() {
+                    p.push((key.into(), format!("{} is not a readable file", f.display())));
+                }
+            }
+            true
+        }
+        (None, None) => false,
+        _ => {
+            p.push(("read_api.cert_file".into(), "cert_file and key_file go together".into()));
+            false
+        }
+    };
+    if let Err((key, why)) = r.resolved_tokens() {
+        p.push((key, why));
+    }
+    let protected = tls && !r.tokens.is_empty();
+    if !protected && r.listen.is_some_and(|a| !a.ip().is_loopback()) {
+        p.push((
+            "read_api.listen".into(),
+            "a non-loopback address needs cert_file, key_file and tokens: the read API serves billing data".into(),
+        ));
     }
 }
 

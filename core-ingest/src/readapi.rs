@@ -9,15 +9,18 @@
 //! read short, `{"next_cursor": "..."}` to continue with. An error before the first record is a
 //! 4xx/5xx with a text body.
 //!
-//! It serves billing data without TLS or tokens, so config validation accepts only a loopback
-//! listen address.
+//! It serves billing data: with `[read_api] tokens` set, a stream's records need
+//! `Authorization: Bearer <that stream's token>` (401 without, 403 with another), and
+//! `/v1/streams` (the streams the token grants) and `/v1/status` need one of the tokens; with
+//! `cert_file`/`key_file` it speaks HTTPS (TLS 1.3). Config validation accepts a non-loopback
+//! listen address only with both.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::catalog::Catalog;
@@ -35,7 +38,7 @@ const CHUNK_BYTES: usize = 64 << 10;
 const CHUNKS_QUEUED_MAX: usize = 8;
 
 /// What the API reads from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiState {
     /// Sources of records.
     pub sources: ReadSources,
@@ -43,6 +46,21 @@ pub struct ApiState {
     pub catalog: Arc<Mutex<Catalog>>,
     /// The node's name.
     pub node: String,
+    /// Bearer tokens per stream (resolved); empty: no authentication (loopback only).
+    pub tokens: std::collections::BTreeMap<String, String>,
+    /// HTTPS, when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens stay out of logs.
+        f.debug_struct("ApiState")
+            .field("node", &self.node)
+            .field("streams_with_tokens", &self.tokens.keys().collect::<Vec<_>>())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Serves until `shutdown`.
@@ -62,7 +80,15 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: impl Future
             Ok((stream, _)) => {
                 let state = state.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = drive_connection(stream, state).await {
+                    let result = match state.tls.clone() {
+                        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => drive_connection(tls, state).await,
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Ok(()),
+                        },
+                        None => drive_connection(stream, state).await,
+                    };
+                    if let Err(error) = result {
                         tracing::debug!(%error, "read API: connection failed");
                     }
                     drop(permit);
@@ -76,7 +102,11 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: impl Future
     }
 }
 
-async fn drive_connection(mut stream: TcpStream, state: ApiState) -> std::io::Result<()> {
+/// A client connection, plain or TLS.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+async fn drive_connection(mut stream: impl Conn, state: ApiState) -> std::io::Result<()> {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return respond(&mut stream, 431, "request head too large\n").await,
@@ -92,12 +122,33 @@ async fn drive_connection(mut stream: TcpStream, state: ApiState) -> std::io::Re
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let params = parse_query(query);
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let bearer = bearer_token(&head);
+    // Which streams the request may see: all without tokens configured, else its token's.
+    let granted: Option<Vec<String>> = (!state.tokens.is_empty()).then(|| {
+        state
+            .tokens
+            .iter()
+            .filter(|(_, t)| bearer.as_deref().is_some_and(|b| constant_time_eq(b.as_bytes(), t.as_bytes())))
+            .map(|(s, _)| s.clone())
+            .collect()
+    });
+    if granted.as_ref().is_some_and(|g| g.is_empty()) {
+        return match bearer {
+            None => respond(&mut stream, 401, "a bearer token is needed (Authorization: Bearer TOKEN)\n").await,
+            Some(_) => respond(&mut stream, 403, "this token grants no stream\n").await,
+        };
+    }
     match segments.as_slice() {
         ["v1", "streams"] => {
             let src = state.sources.clone();
             let listed = tokio::task::spawn_blocking(move || crate::read::list_streams(&src)).await;
             match listed {
-                Ok(Ok(names)) => json(&mut stream, &serde_json::json!({ "streams": names })).await,
+                Ok(Ok(mut names)) => {
+                    if let Some(g) = &granted {
+                        names.retain(|n| g.contains(n));
+                    }
+                    json(&mut stream, &serde_json::json!({ "streams": names })).await
+                }
                 Ok(Err(e)) => respond(&mut stream, 502, &format!("{e}\n")).await,
                 Err(e) => respond(&mut stream, 500, &format!("{e}\n")).await,
             }
@@ -132,6 +183,9 @@ async fn drive_connection(mut stream: TcpStream, state: ApiState) -> std::io::Re
             if !shared::batch::is_valid_stream_name(&q.stream) {
                 return respond(&mut stream, 400, &format!("stream {:?} is not a valid stream name\n", q.stream)).await;
             }
+            if granted.as_ref().is_some_and(|g| !g.contains(&q.stream)) {
+                return respond(&mut stream, 403, &format!("this token does not grant stream {}\n", q.stream)).await;
+            }
             records(&mut stream, state.sources.clone(), q).await
         }
         _ => respond(&mut stream, 404, "not found: try /v1/streams, /v1/streams/STREAM/records, /v1/status\n").await,
@@ -143,7 +197,7 @@ enum Msg {
     Done(Result<ReadOutcome, String>),
 }
 
-async fn records(stream: &mut TcpStream, src: ReadSources, q: crate::read::ReadQuery) -> std::io::Result<()> {
+async fn records(stream: &mut impl Conn, src: ReadSources, q: crate::read::ReadQuery) -> std::io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Msg>(CHUNKS_QUEUED_MAX);
     tokio::task::spawn_blocking(move || {
         let mut buf = Vec::with_capacity(CHUNK_BYTES);
@@ -198,7 +252,7 @@ fn ndjson_head() -> String {
         .into()
 }
 
-async fn json(stream: &mut TcpStream, doc: &serde_json::Value) -> std::io::Result<()> {
+async fn json(stream: &mut impl Conn, doc: &serde_json::Value) -> std::io::Result<()> {
     let body = format!("{doc}\n");
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
@@ -209,16 +263,22 @@ async fn json(stream: &mut TcpStream, doc: &serde_json::Value) -> std::io::Resul
     stream.shutdown().await
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+async fn respond(stream: &mut impl Conn, status: u16, body: &str) -> std::io::Result<()> {
     let reason = match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         _ => "Internal Server Error",
     };
-    let allow = if status == 405 { "Allow: GET\r\n" } else { "" };
+    let allow = match status {
+        405 => "Allow: GET\r\n",
+        401 => "WWW-Authenticate: Bearer\r\n",
+        _ => "",
+    };
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
@@ -229,7 +289,7 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Re
 }
 
 /// The head up to its blank line; `None` if it exceeds [`REQUEST_HEAD_BYTES_MAX`].
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
+async fn read_head(stream: &mut impl Conn) -> std::io::Result<Option<String>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -254,6 +314,23 @@ pub fn request_line(head: &str) -> Option<(String, String)> {
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
     let ok = parts.next().is_none() && target.starts_with('/') && version.starts_with("HTTP/1.");
     ok.then(|| (method.to_string(), target.to_string()))
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header. Pure.
+pub fn bearer_token(head: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
+    })
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `a=1&b=x%20y` → pairs, percent-decoded (`+` is a space). Pure.
@@ -317,5 +394,11 @@ mod tests {
         assert_eq!(q[4], ("end".into(), "%4".into()));
         assert_eq!(request_line("GET /v1/status HTTP/1.1\r\n\r\n"), Some(("GET".into(), "/v1/status".into())));
         assert_eq!(request_line("GET v1 HTTP/1.1\r\n"), None);
+        let head = "GET / HTTP/1.1\r\nHost: x\r\nauthorization:  bearer abc.DEF-123 \r\n\r\n";
+        assert_eq!(bearer_token(head).as_deref(), Some("abc.DEF-123"));
+        assert_eq!(bearer_token("GET / HTTP/1.1\r\nAuthorization: Basic eDp5\r\n\r\n"), None);
+        assert!(
+            constant_time_eq(b"same", b"same") && !constant_time_eq(b"same", b"sane") && !constant_time_eq(b"a", b"ab")
+        );
     }
 }

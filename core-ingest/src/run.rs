@@ -129,6 +129,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
         catalog: catalog.clone(),
         node: config.node.clone(),
+        tokens: config.read_api.resolved_tokens().map_err(|(k, why)| anyhow::anyhow!("{k}: {why}"))?,
+        tls: match (&config.read_api.cert_file, &config.read_api.key_file) {
+            (Some(c), Some(k)) => {
+                let tls = tls::https_server_config(&read(c)?, &read(k)?).context("read_api TLS")?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+            }
+            _ => None,
+        },
     };
     let mut api_stop = stop_rx.clone();
     let api_task = tokio::spawn(async move {

@@ -40,6 +40,8 @@ const BUCKET: &str = "backhaul-test";
 const PREFIX: &str = "tier";
 const RECORDS_PER_BATCH: u64 = 10;
 const EDGES: [(&str, u64); 2] = [("edge-a", 0xa1a1_a1a1_a1a1_a1a1), ("edge-b", 7)];
+/// The read API's token for `cdr` in the TLS test (given to the node through the environment).
+const CDR_TOKEN: &str = "cdr-token-0123456789abcdef";
 /// Bound on any single wait.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -165,6 +167,11 @@ struct Node {
 impl Node {
     /// A node whose bucket is reached at `s3`; `tier` adds lines to its `[tier]` table.
     fn new(s3: SocketAddr, tier: &str) -> Node {
+        Node::with(s3, tier, "")
+    }
+
+    /// [`Node::new`], with `read_api` lines added to its `[read_api]` table.
+    fn with(s3: SocketAddr, tier: &str, read_api: &str) -> Node {
         let tmp = tempfile::tempdir().unwrap();
         let pki = tmp.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
@@ -173,13 +180,14 @@ impl Node {
         for (name, text) in [("ca.pem", &ca), ("server.pem", &cert), ("server.key", &key)] {
             std::fs::write(pki.join(name), text).unwrap();
         }
+        let read_api_extra = read_api;
         let (listen, admin, read_api) = (free_udp_port(), free_tcp_port(), free_tcp_port());
         let config = format!(
             "node = \"test-core\"\ndata_dir = \"data\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\
              partitions = 2\nsegment_bytes_max = \"64KiB\"\n\
              [tier]\nobject_store = \"s3://{BUCKET}/{PREFIX}\"\ntier_after = \"0ms\"\nlocal_retention = \"0ms\"\n\
              interval = \"100ms\"\nretry_backoff_initial = \"100ms\"\nretry_backoff_max = \"400ms\"\n{tier}\n\
-             [read_api]\nlisten = \"{read_api}\"\n\
+             [read_api]\nlisten = \"{read_api}\"\n{read_api_extra}\n\
              [tls]\nca_file = \"pki/ca.pem\"\ncert_file = \"pki/server.pem\"\nkey_file = \"pki/server.key\"\n"
         );
         std::fs::write(tmp.path().join("core-ingest.toml"), config).unwrap();
@@ -201,6 +209,7 @@ impl Node {
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
+            .env("CDR_TOKEN", CDR_TOKEN)
             .env("NO_COLOR", "1");
         c
     }
@@ -776,4 +785,52 @@ fn a_corrupt_object_is_reported_with_key_and_offset_and_the_rest_still_reads() {
     assert_eq!(got.len() as u64, expected.len() as u64 - RECORDS_PER_BATCH);
     let got_set: BTreeSet<&Key> = got.iter().collect();
     assert_eq!(got_set.len(), got.len(), "no duplicates");
+}
+
+/// `GET path` over HTTPS to `addr`, trusting `ca`, with an optional bearer token.
+fn https_get(addr: SocketAddr, ca: &str, path: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let config = tls::https_client_config(ca.as_bytes()).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut s = connector.connect(name, tcp).await.unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+#[test]
+fn the_read_api_over_tls_serves_a_stream_only_with_its_token() {
+    let moto = Moto::start();
+    let sensors = "tokens = { cdr = \"env:CDR_TOKEN\", sensors = \"sensors-token-0123456789\" }";
+    let read_api = format!("cert_file = \"pki/server.pem\"\nkey_file = \"pki/server.key\"\n{sensors}");
+    let mut node = Node::with(moto.addr, "", &read_api);
+    let (expected, closed) = populate(&node.data_dir(), 60, 300, 64 << 10);
+    node.start();
+    node.wait_tiered(closed);
+    let ca = node.ca.0.clone();
+    let records = "/v1/streams/cdr/records";
+
+    let r = https_get(node.read_api, &ca, records, None);
+    assert!(r.starts_with("HTTP/1.1 401") && r.contains("WWW-Authenticate: Bearer"), "{r:.300}");
+    let r = https_get(node.read_api, &ca, records, Some("sensors-token-0123456789"));
+    assert!(r.starts_with("HTTP/1.1 403"), "another stream's token: {r:.300}");
+    let r = https_get(node.read_api, &ca, records, Some("not-a-token-at-all-xyz"));
+    assert!(r.starts_with("HTTP/1.1 403"), "an unknown token: {r:.300}");
+    let r = https_get(node.read_api, &ca, records, Some(CDR_TOKEN));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r:.300}");
+    assert_exactly_once(&keys_of(body(&r)), &expected);
+    let r = https_get(node.read_api, &ca, "/v1/streams", Some("sensors-token-0123456789"));
+    assert!(body(&r).contains("\"streams\":[]"), "only the streams the token grants: {r}");
+    let r = https_get(node.read_api, &ca, "/v1/status", Some(CDR_TOKEN));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r:.300}");
+    assert!(!http_get(node.read_api, records).starts_with("HTTP/1.1"), "no plain HTTP on the TLS port");
 }

@@ -23,6 +23,10 @@ const STORE_QUEUE_LEN: usize = 1024;
 /// Most QUIC streams an edge may open: a control stream and two lanes per log stream.
 const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 
+/// How long start waits for the bucket listing of earlier incarnations' manifests (dedup seed).
+/// Past it the node starts with local dedup state only, rather than not at all.
+const BUCKET_SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The identity kind of a core data directory.
 pub const IDENTITY_KIND: &str = "backhaul-core";
 
@@ -37,10 +41,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let catalog_path = config.data_dir.join(crate::catalog::CATALOG_FILE);
     let catalog = Catalog::open(&catalog_path)?;
-    let tiered_ranges = dedup_seed(&catalog)?;
+    let mut tiered_ranges = dedup_seed(&catalog)?;
     let catalog = Arc::new(Mutex::new(catalog));
     let (objects, prefix) =
         crate::tier::store::open(config.tier.object_store.as_deref(), &config.data_dir).map_err(anyhow::Error::msg)?;
+    // Best effort: an unreachable bucket must not keep the node from taking data.
+    let earlier = crate::tier::earlier_incarnations_ranges(objects.as_ref(), &prefix, &config.node, incarnation);
+    match tokio::time::timeout(BUCKET_SEED_TIMEOUT, earlier).await {
+        Ok(Ok(ranges)) => {
+            if !ranges.is_empty() {
+                tracing::info!(ranges = ranges.len(), "dedup seeded from earlier incarnations' manifests");
+            }
+            tiered_ranges.extend(ranges);
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "listing earlier incarnations' manifests failed; dedup from local data only")
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?BUCKET_SEED_TIMEOUT, "listing earlier incarnations' manifests timed out; dedup from local data only")
+        }
+    }
     let store_config = StoreConfig {
         data_dir: config.data_dir.clone(),
         partitions: config.partitions,

@@ -519,9 +519,17 @@ fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
-/// Connects to `node` as `edge` (a certificate from the test CA), says HELLO, and returns the
-/// first TIERED frame's ranges for [`STREAM`] and the marks of the ack of a resent batch 0.
-async fn tiered_as_edge(node: &Node, edge: &str, epoch: u64) -> (shared::ranges::RangeSet, u8) {
+/// What an edge session saw: the WELCOME's held ranges of [`STREAM`], the first TIERED
+/// frame's ranges (when asked to wait for one), the marks of the ack of a resent batch 0.
+struct EdgeView {
+    held: shared::ranges::RangeSet,
+    tiered: Option<shared::ranges::RangeSet>,
+    marks: u8,
+}
+
+/// Connects to `node` as `edge` (a certificate from the test CA), says HELLO, optionally waits
+/// for TIERED, then resends batch 0 and reads its ack.
+async fn edge_session(node: &Node, edge: &str, epoch: u64, wait_tiered: bool) -> EdgeView {
     use quinn::crypto::rustls::QuicClientConfig;
     use shared::quic::{read_frame, write_frame};
     use shared::wire::Frame;
@@ -535,13 +543,19 @@ async fn tiered_as_edge(node: &Node, edge: &str, epoch: u64) -> (shared::ranges:
     let streams = vec![StreamOffer { name: STREAM.into(), first_retained: 0, next: 1_000_000 }];
     write_frame(&mut send, &Frame::Hello { version: 1, epoch, edge_id: edge.into(), streams }).await.unwrap();
     let mut buf = BytesMut::new();
-    match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
-        Ok(Some(Frame::Welcome { .. })) => {}
+    let held = match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
+        Ok(Some(Frame::Welcome { streams, .. })) => {
+            streams.into_iter().find(|s| s.name == STREAM).map(|s| s.held).unwrap_or_default()
+        }
         other => panic!("expected a welcome, got {other:?}"),
-    }
-    let ranges = match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
-        Ok(Some(Frame::Tiered { stream, ranges })) if stream == STREAM => ranges,
-        other => panic!("expected TIERED, got {other:?}"),
+    };
+    let tiered = if wait_tiered {
+        match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
+            Ok(Some(Frame::Tiered { stream, ranges })) if stream == STREAM => Some(ranges),
+            other => panic!("expected TIERED, got {other:?}"),
+        }
+    } else {
+        None
     };
     let (mut dsend, mut drecv) = conn.open_bi().await.unwrap();
     let open = Frame::Open { stream: STREAM.into(), lane: shared::wire::Lane::Live };
@@ -553,7 +567,7 @@ async fn tiered_as_edge(node: &Node, edge: &str, epoch: u64) -> (shared::ranges:
         other => panic!("expected the ack of batch 0, got {other:?}"),
     };
     conn.close(0u32.into(), b"done");
-    (ranges, marks)
+    EdgeView { held, tiered, marks }
 }
 
 // ---- the tests -----------------------------------------------------------------------------
@@ -627,7 +641,8 @@ fn segments_tier_local_copies_go_and_reads_return_every_record_once() {
     // stream), and a resent batch is acked with the tiered mark.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let (edge, epoch) = EDGES[1];
-    let (tiered, marks) = rt.block_on(tiered_as_edge(&node, edge, epoch));
+    let view = rt.block_on(edge_session(&node, edge, epoch, true));
+    let (tiered, marks) = (view.tiered.unwrap(), view.marks);
     let in_closed: Vec<u64> = expected.iter().filter(|k| k.0 == edge).map(|k| k.2).collect();
     assert_eq!(tiered.ranges().len(), 1, "{tiered:?}");
     assert_eq!(tiered.ranges()[0].start, 0, "{tiered:?}");
@@ -833,4 +848,30 @@ fn the_read_api_over_tls_serves_a_stream_only_with_its_token() {
     let r = https_get(node.read_api, &ca, "/v1/status", Some(CDR_TOKEN));
     assert!(r.starts_with("HTTP/1.1 200"), "{r:.300}");
     assert!(!http_get(node.read_api, records).starts_with("HTTP/1.1"), "no plain HTTP on the TLS port");
+}
+
+#[test]
+fn a_rebuilt_data_dir_still_knows_the_batches_in_the_bucket() {
+    let moto = Moto::start();
+    let mut node = Node::new(moto.addr, "");
+    let (_, closed) = populate(&node.data_dir(), 60, 300, 64 << 10);
+    node.start();
+    node.wait_tiered(closed);
+    node.kill();
+
+    // Disk lost: a new data directory, so a new incarnation with an empty catalog.
+    std::fs::remove_dir_all(node.data_dir()).unwrap();
+    node.start();
+    assert!(node.stderr.lock().unwrap().contains("dedup seeded from earlier incarnations' manifests"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (edge, epoch) = EDGES[1];
+    let view = rt.block_on(edge_session(&node, edge, epoch, false));
+    assert!(
+        view.held.contains_range(&(0..RECORDS_PER_BATCH)),
+        "the WELCOME names what the bucket holds: {:?}",
+        view.held
+    );
+    assert_eq!(view.marks & shared::wire::frame::marks::DURABLE, shared::wire::frame::marks::DURABLE);
+    assert_eq!(node.metric("backhaul_core_duplicate_batches_total"), 1, "acknowledged as held");
+    assert_eq!(node.metric("backhaul_core_batches_stored_total"), 0, "not stored twice");
 }

@@ -54,6 +54,51 @@ pub fn tiered_ranges(catalog: &Catalog) -> Result<TieredRanges, CatalogError> {
     Ok(out)
 }
 
+/// Seq ranges held in the bucket by earlier incarnations of `node` (a data directory rebuilt
+/// after a disk loss: its catalog is gone, its objects are not). Walks
+/// `<prefix>/<stream>/<partition>/<node>-*/` and reads the manifests there, skipping
+/// `incarnation` (the current one, which the catalog covers). Damaged manifests are skipped
+/// with a warning.
+pub async fn earlier_incarnations_ranges(
+    objects: &dyn ObjectStore,
+    prefix: &str,
+    node: &str,
+    incarnation: u64,
+) -> Result<Vec<(ProducerKey, std::ops::Range<u64>)>, object_store::Error> {
+    use futures::TryStreamExt;
+    let root = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
+    let mine = format!("{node}-{incarnation:016x}");
+    let mut out = Vec::new();
+    for stream in objects.list_with_delimiter(root.as_ref()).await?.common_prefixes {
+        for partition in objects.list_with_delimiter(Some(&stream)).await?.common_prefixes {
+            for dir in objects.list_with_delimiter(Some(&partition)).await?.common_prefixes {
+                let name = dir.filename().unwrap_or_default();
+                let earlier = name
+                    .strip_prefix(node)
+                    .and_then(|r| r.strip_prefix('-'))
+                    .is_some_and(|inc| inc.len() == 16 && inc.bytes().all(|b| b.is_ascii_hexdigit()));
+                if !earlier || name == mine {
+                    continue;
+                }
+                let metas: Vec<_> = objects.list(Some(&dir)).try_collect().await?;
+                for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(manifest::MANIFEST_SUFFIX)) {
+                    let key = meta.location.to_string();
+                    let bytes = objects.get(&meta.location).await?.bytes().await?;
+                    match Manifest::decode(&bytes, &key) {
+                        Ok(m) => {
+                            out.extend(m.producer_ranges().into_iter().map(|r| {
+                                (ProducerKey { edge: r.edge, epoch: r.epoch, stream: m.stream.clone() }, r.seqs)
+                            }))
+                        }
+                        Err(error) => tracing::warn!(%error, "skipping a damaged manifest"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT_MAX: usize = 4;
 

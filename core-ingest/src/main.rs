@@ -1,6 +1,7 @@
 //! `core-ingest`: parse the command line, start tracing, run the command.
 //! Exit status: 0 done, 1 refused or failed (or an invalid config for `validate`), 2 usage error.
 //! `log verify` / `log dump` as the edge's: 0 clean, 1 corruption, 2 usage or I/O error.
+//! `read`: 0 done, 1 damage met (reported, the rest printed), 2 usage, config or I/O error.
 
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;

@@ -12,8 +12,8 @@ use crate::certs::{CA_DAYS_DEFAULT, EDGE_DAYS_DEFAULT, SERVER_DAYS_DEFAULT};
     name = "core-ingest",
     version,
     about = "Backhaul core ingest node: accepts batches from edge agents over QUIC (mTLS), stores them \
-             durably in per-partition logs with dedup, and acknowledges after the fsync. Tiering to S3 and \
-             reads are not built yet.",
+             durably in per-partition logs with dedup, acknowledges after the fsync, tiers closed segments \
+             to object storage and reads records back from disk and bucket alike.",
     arg_required_else_help = true
 )]
 pub struct Cli {
@@ -35,6 +35,42 @@ pub enum Command {
     /// Inspect the partition logs of a data directory; read-only, safe while the node runs.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Print a stream's records as NDJSON (edge, epoch, stream, seq, ts, topic, payload or
+    /// payload_b64, attrs), from local segments and the bucket alike, each record once.
+    #[command(after_help = "With --limit, the cursor to continue from is printed on stderr as `next_cursor=C` \
+                            when more may follow. Damage is reported on stderr with its object key (or file) \
+                            and byte offset; the records around it are still printed. Exit status: 0 done, \
+                            1 damage met, 2 usage, config or I/O error.")]
+    Read(ReadArgs),
+    /// Print the node's status as JSON from its catalog: edges (last seen, lag, records, bytes,
+    /// gaps), per stream bytes local and tiered, the tiering backlog.
+    Status(ConfigArgs),
+}
+
+/// Arguments of `read`.
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// The node's config file (data directory and object store).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Stream to read.
+    #[arg(long)]
+    pub stream: String,
+    /// Records with event time at or after T (RFC 3339 or ms since the epoch).
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+    /// Records with event time before T (RFC 3339 or ms since the epoch).
+    #[arg(long, value_name = "T")]
+    pub until: Option<String>,
+    /// Only this edge's records.
+    #[arg(long, value_name = "ID")]
+    pub edge: Option<String>,
+    /// At most N records.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Continue after a previous read (its `next_cursor`).
+    #[arg(long, value_name = "C")]
+    pub cursor: Option<String>,
 }
 
 /// `core-ingest log …`

@@ -1,6 +1,7 @@
 //! `core-ingest`: parse the command line, start tracing, run the command.
 //! Exit status: 0 done, 1 refused or failed (or an invalid config for `validate`), 2 usage error.
 //! `log verify` / `log dump` as the edge's: 0 clean, 1 corruption, 2 usage or I/O error.
+//! `read`: 0 done, 1 damage met (reported, the rest printed), 2 usage, config or I/O error.
 
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
@@ -18,8 +19,19 @@ fn main() -> ExitCode {
     if let Command::Log(command) = &cli.command {
         return run_log_command(command);
     }
+    if let Command::Read(args) = &cli.command {
+        let mut out = BufWriter::new(io::stdout().lock());
+        return match core_ingest::readcmd::read(args, &mut out, &mut io::stderr()) {
+            Ok(code) => ExitCode::from(code),
+            Err(error) => {
+                let _ = writeln!(io::stderr(), "core-ingest: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match &cli.command {
         Command::Run(args) => run(&args.config),
+        Command::Status(args) => core_ingest::readcmd::status(&args.config, &mut io::stdout().lock()),
         Command::Validate(args) => match Config::load(&args.config) {
             Ok(c) => {
                 let _ = writeln!(io::stdout(), "{}: ok (node {}, listen {})", args.config.display(), c.node, c.listen);
@@ -47,7 +59,7 @@ fn default_filter(command: &Command) -> &'static str {
     match command {
         // The log tools print every problem themselves, in their own format; the log's own
         // recovery messages would say each one twice.
-        Command::Log(_) => "warn,shared::log=off",
+        Command::Log(_) | Command::Read(_) => "warn,shared::log=off",
         _ => "info",
     }
 }

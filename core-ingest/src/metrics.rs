@@ -44,6 +44,11 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Sets the value.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 /// Bucket bounds of [`Histogram`], seconds: 1 ms to 60 s.
@@ -140,6 +145,66 @@ pub struct Metrics {
     refused: [Counter; 5],
     /// notAfter (Unix seconds) of the server certificate and of the CA; 0 until loaded.
     cert_expiry: [AtomicI64; 2],
+    /// Tiering and backpressure (DESIGN §5).
+    pub tier: TierMetrics,
+}
+
+/// Metrics of the tierer and of the disk budget.
+#[derive(Debug, Default)]
+pub struct TierMetrics {
+    /// Segments whose object and manifest are now in the bucket.
+    pub segments: Counter,
+    /// Bytes of those segments.
+    pub bytes: Counter,
+    /// Failed tiering attempts (object store errors, verify mismatches); retried with backoff.
+    pub errors: Counter,
+    /// Closed segments not yet in the bucket.
+    pub backlog_segments: Gauge,
+    /// Their bytes on disk (segment and index files).
+    pub backlog_bytes: Gauge,
+    /// Local copies of tiered segments removed.
+    pub local_deleted: Counter,
+    /// Appends held unanswered because the disk budget was full of untiered data.
+    pub backpressure_waits: Counter,
+}
+
+impl TierMetrics {
+    fn render(&self, out: &mut String) {
+        let counters: [(&str, &str, &Counter); 5] = [
+            ("backhaul_core_tiered_segments_total", "Segments uploaded with their manifest.", &self.segments),
+            ("backhaul_core_tiered_bytes_total", "Bytes of segments uploaded.", &self.bytes),
+            (
+                "backhaul_core_tier_errors_total",
+                "Failed tiering attempts (object store errors); retried with capped backoff.",
+                &self.errors,
+            ),
+            (
+                "backhaul_core_local_segments_deleted_total",
+                "Local copies of tiered segments removed.",
+                &self.local_deleted,
+            ),
+            (
+                "backhaul_core_backpressure_waits_total",
+                "Appends held unanswered because the disk budget was full of untiered data.",
+                &self.backpressure_waits,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+        }
+        let name = "backhaul_core_tier_backlog_segments";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Closed segments not yet in the bucket.\n# TYPE {name} gauge\n{name} {}",
+            self.backlog_segments.get()
+        );
+        let name = "backhaul_core_tier_backlog_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Bytes on disk of closed segments not yet in the bucket.\n# TYPE {name} gauge\n{name} {}",
+            self.backlog_bytes.get()
+        );
+    }
 }
 
 impl Metrics {
@@ -226,6 +291,7 @@ impl Metrics {
             self.tls_reloads.get(),
             self.tls_reload_failures.get()
         );
+        self.tier.render(&mut out);
         out
     }
 }

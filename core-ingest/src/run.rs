@@ -2,7 +2,7 @@
 //! Shutdown: stop accepting, let the store sync and answer what it holds, stop.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use shared::admin::{self, AdminState, Health};
@@ -10,10 +10,13 @@ use shared::{reload, systemd, tls};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::catalog::{Catalog, SegmentState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{self, ServerContext};
 use crate::store::{Store, StoreConfig};
+use crate::tier::Tierer;
+use shared::wire::session::ProducerKey;
 
 /// Batches waiting for the store: bounds memory when the disk is slower than the edges (at
 /// the default 256 KiB edge batches, 256 MiB; each edge's window bounds its own share too).
@@ -23,19 +26,50 @@ const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// How long the watchdog waits for the store thread to answer before it skips a ping.
 const WATCHDOG_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long start waits for the bucket listing of earlier incarnations' manifests (dedup seed).
+/// Past it the node starts with local dedup state only, rather than not at all.
+const BUCKET_SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The identity kind of a core data directory.
+pub const IDENTITY_KIND: &str = "backhaul-core";
+
 /// Runs the node until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let incarnation = shared::identity::open_or_create(&config.data_dir, "backhaul-core")
+    let incarnation = shared::identity::open_or_create(&config.data_dir, IDENTITY_KIND)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::new());
     health.set_not_ready("starting");
 
+    let catalog_path = config.data_dir.join(crate::catalog::CATALOG_FILE);
+    let catalog = Catalog::open(&catalog_path)?;
+    let mut tiered_ranges = dedup_seed(&catalog)?;
+    let catalog = Arc::new(Mutex::new(catalog));
+    let (objects, prefix) =
+        crate::tier::store::open(config.tier.object_store.as_deref(), &config.data_dir).map_err(anyhow::Error::msg)?;
+    // Best effort: an unreachable bucket must not keep the node from taking data.
+    let earlier = crate::tier::earlier_incarnations_ranges(objects.as_ref(), &prefix, &config.node, incarnation);
+    match tokio::time::timeout(BUCKET_SEED_TIMEOUT, earlier).await {
+        Ok(Ok(ranges)) => {
+            if !ranges.is_empty() {
+                tracing::info!(ranges = ranges.len(), "dedup seeded from earlier incarnations' manifests");
+            }
+            tiered_ranges.extend(ranges);
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "listing earlier incarnations' manifests failed; dedup from local data only")
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?BUCKET_SEED_TIMEOUT, "listing earlier incarnations' manifests timed out; dedup from local data only")
+        }
+    }
     let store_config = StoreConfig {
         data_dir: config.data_dir.clone(),
         partitions: config.partitions,
         segment_bytes_max: config.segment_bytes_max.0,
+        disk_budget_bytes: config.tier.disk_budget_bytes.0,
+        tiered_ranges,
     };
     let store = Store::open(store_config, metrics.clone()).context("opening the stream logs")?;
     let (store, store_thread) = store.spawn(STORE_QUEUE_LEN).context("starting the store")?;
@@ -64,15 +98,73 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let _ = admin_stop.changed().await;
     }));
 
+    let (tiered_tx, tiered_rx) = watch::channel(Arc::default());
     let allow = config.allow_edges.clone().map(|v| v.into_iter().collect());
-    let ctx = Arc::new(ServerContext::new(
+    let mut ctx = ServerContext::new(
         store.clone(),
         metrics.clone(),
         allow,
         config.connections_max as u64,
         config.node.clone(),
         incarnation,
-    ));
+    );
+    ctx.tiered = tiered_rx;
+    let ctx = Arc::new(ctx);
+    let mut tierer = Tierer::new(
+        config.tier.clone(),
+        store.clone(),
+        objects,
+        prefix,
+        config.node.clone(),
+        incarnation,
+        catalog.clone(),
+        metrics.clone(),
+    );
+    tierer.publish_tiered(tiered_tx)?;
+    let mut tier_stop = stop_rx.clone();
+    let tier_task = tokio::spawn(tierer.drive(async move {
+        let _ = tier_stop.changed().await;
+    }));
+
+    let read = |p: &std::path::Path| tls::load_pem_file(p).map_err(anyhow::Error::from);
+    let read_listener = match config.read_api.listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("read_api.listen {addr}"))?)
+        }
+        None => None,
+    };
+    let (read_objects, read_prefix) =
+        crate::tier::store::open(config.tier.object_store.as_deref(), &config.data_dir).map_err(anyhow::Error::msg)?;
+    let api_state = crate::readapi::ApiState {
+        sources: crate::read::ReadSources {
+            data_dir: config.data_dir.clone(),
+            node: config.node.clone(),
+            incarnation: Some(incarnation),
+            objects: read_objects,
+            prefix: read_prefix,
+            handle: tokio::runtime::Handle::current(),
+        },
+        catalog: catalog.clone(),
+        node: config.node.clone(),
+        tokens: config.read_api.resolved_tokens().map_err(|(k, why)| anyhow::anyhow!("{k}: {why}"))?,
+        tls: match (&config.read_api.cert_file, &config.read_api.key_file) {
+            (Some(c), Some(k)) => {
+                let tls = tls::https_server_config(&read(c)?, &read(k)?).context("read_api TLS")?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+            }
+            _ => None,
+        },
+    };
+    let mut api_stop = stop_rx.clone();
+    let api_task = tokio::spawn(async move {
+        if let Some(listener) = read_listener {
+            crate::readapi::serve(listener, api_state, async move {
+                let _ = api_stop.changed().await;
+            })
+            .await;
+        }
+    });
+
     let mut server_stop = stop_rx.clone();
     let server_task = tokio::spawn(server::serve(endpoint.clone(), ctx.clone(), async move {
         let _ = server_stop.changed().await;
@@ -125,6 +217,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     health.set_not_ready("shutting down");
     let _ = stop_tx.send(true);
     let _ = server_task.await;
+    let _ = tier_task.await;
+    let _ = api_task.await;
     store.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     let _ = admin_task.await;
@@ -166,6 +260,17 @@ fn quic_server_config(
     ));
     metrics.set_cert_expiry(expiry);
     Ok(server_config)
+}
+
+/// The seq ranges dedup must hold beyond the local logs: those of tiered segments whose local
+/// copies are gone, so a batch resent after its segment left the disk is acknowledged, not
+/// stored twice.
+pub fn dedup_seed(catalog: &Catalog) -> Result<Vec<(ProducerKey, std::ops::Range<u64>)>, crate::catalog::CatalogError> {
+    Ok(catalog
+        .ranges_in_states(&[SegmentState::LocalDeleted])?
+        .into_iter()
+        .map(|(stream, r)| (ProducerKey { edge: r.edge, epoch: r.epoch, stream }, r.seqs))
+        .collect())
 }
 
 impl shared::admin::RenderMetrics for Metrics {

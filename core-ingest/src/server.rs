@@ -15,7 +15,7 @@ use shared::quic::{read_frame, write_frame};
 use shared::wire::frame::{StreamHeld, marks};
 use shared::wire::session::{IngestSession, Refusal};
 use shared::wire::{ErrorCode, Frame};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::{Metrics, Refused};
 use crate::store::{StoreHandle, Stored};
@@ -40,6 +40,9 @@ pub struct ServerContext {
     pub incarnation: u64,
     /// Limits on batches.
     pub limits: BatchLimits,
+    /// Seq ranges in the bucket per producer, published by the tierer: connected edges get
+    /// TIERED frames on their control stream, and acks of batches already tiered the mark.
+    pub tiered: watch::Receiver<Arc<crate::tier::TieredRanges>>,
     sessions: Mutex<HashMap<String, (u64, Connection)>>,
     next_session: AtomicU64,
 }
@@ -62,6 +65,8 @@ impl ServerContext {
             node,
             incarnation,
             limits: BatchLimits::default(),
+            // Nothing tiered until the tierer publishes (a sender-less channel keeps its value).
+            tiered: watch::channel(Arc::default()).1,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
         }
@@ -202,6 +207,7 @@ async fn run_session(conn: &Connection, edge: &str, id: u64, ctx: &Arc<ServerCon
         return Err(refusal(ErrorCode::NotAllowed, "edge no longer allowed"));
     }
     let session = Arc::new(session);
+    let notifier = tokio::spawn(send_tiered(ctl_send, keys, ctx.tiered.clone()));
     // The control stream stays open; later frames (DICT) are read and, for now, only checked.
     let ctl = tokio::spawn(async move {
         loop {
@@ -228,11 +234,40 @@ async fn run_session(conn: &Connection, edge: &str, id: u64, ctx: &Arc<ServerCon
         }
     }
     ctl.abort();
+    notifier.abort();
     Ok(())
 }
 
+/// Sends TIERED on the control stream whenever the bucket holds more of this session's
+/// producer streams (first right after the WELCOME, so a reconnecting edge learns at once).
+async fn send_tiered(
+    mut ctl_send: SendStream,
+    keys: Vec<shared::wire::session::ProducerKey>,
+    mut tiered: watch::Receiver<Arc<crate::tier::TieredRanges>>,
+) {
+    let mut sent: HashMap<String, shared::ranges::RangeSet> = HashMap::new();
+    loop {
+        let current = tiered.borrow_and_update().clone();
+        for k in &keys {
+            if let Some(ranges) = current.get(k)
+                && sent.get(&k.stream) != Some(ranges)
+            {
+                let frame = Frame::Tiered { stream: k.stream.clone(), ranges: ranges.clone() };
+                if write_frame(&mut ctl_send, &frame).await.is_err() {
+                    return;
+                }
+                sent.insert(k.stream.clone(), ranges.clone());
+            }
+        }
+        if tiered.changed().await.is_err() {
+            // No tierer: keep the control stream open until the session ends.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 enum Pending {
-    Ack(std::ops::Range<u64>, oneshot::Receiver<Result<Stored, Refusal>>),
+    Ack(shared::wire::session::ProducerKey, std::ops::Range<u64>, oneshot::Receiver<Result<Stored, Refusal>>),
     Fail(Refusal),
 }
 
@@ -253,12 +288,19 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
         }
     };
     let (tx, mut rx) = mpsc::channel::<Pending>(PIPELINE_MAX);
-    // Acks leave in the order the batches came, each after its fsync.
+    let tiered = ctx.tiered.clone();
+    // Acks leave in the order the batches came, each after its fsync; a batch already in the
+    // bucket (a resend after its segment tiered) carries the tiered mark too.
     let acks = tokio::spawn(async move {
         while let Some(p) = rx.recv().await {
             let frame = match p {
-                Pending::Ack(range, answer) => match answer.await {
-                    Ok(Ok(_)) => Frame::Ack { start: range.start, end: range.end, marks: marks::DURABLE },
+                Pending::Ack(key, range, answer) => match answer.await {
+                    Ok(Ok(stored)) => {
+                        let in_bucket = stored == Stored::Duplicate
+                            && tiered.borrow().get(&key).is_some_and(|r| r.contains_range(&range));
+                        let m = if in_bucket { marks::DURABLE | marks::TIERED } else { marks::DURABLE };
+                        Frame::Ack { start: range.start, end: range.end, marks: m }
+                    }
                     Ok(Err(r)) => return Some((send, r)),
                     Err(_) => return Some((send, refusal(ErrorCode::Internal, "store stopped"))),
                 },
@@ -305,9 +347,9 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
                 break;
             }
         };
-        match ctx.store.append_pipelined(key, range.clone(), batch).await {
+        match ctx.store.append_pipelined(key.clone(), range.clone(), batch).await {
             Ok(answer) => {
-                if tx.send(Pending::Ack(range, answer)).await.is_err() {
+                if tx.send(Pending::Ack(key, range, answer)).await.is_err() {
                     break;
                 }
             }

@@ -40,6 +40,36 @@ pub struct StoreConfig {
     pub partitions: u32,
     /// Segment size.
     pub segment_bytes_max: u64,
+    /// Past this many bytes of logs on disk, appends wait unanswered (backpressure) until the
+    /// tierer frees room; nothing untiered is ever deleted for room.
+    pub disk_budget_bytes: u64,
+    /// Seq ranges held in tiered segments whose local copies are gone (from the catalog), so a
+    /// batch resent after its segment left the disk is acknowledged, not stored twice.
+    pub tiered_ranges: Vec<(ProducerKey, Range<u64>)>,
+}
+
+/// What the tierer learns from the writer in one round.
+#[derive(Clone, Debug, Default)]
+pub struct TierSnapshot {
+    /// Closed segments of every partition, oldest first.
+    pub partitions: Vec<PartitionSegments>,
+    /// Bytes of all logs on disk.
+    pub disk_bytes: u64,
+    /// Per-edge counters since the last snapshot.
+    pub edges: Vec<crate::catalog::EdgeDelta>,
+    /// Whether appends are waiting for room (disk budget reached).
+    pub backpressure: bool,
+}
+
+/// The closed segments of one partition.
+#[derive(Clone, Debug)]
+pub struct PartitionSegments {
+    /// Stream.
+    pub stream: String,
+    /// Partition.
+    pub partition: u32,
+    /// Closed segments (the active one is not listed), oldest first.
+    pub closed: Vec<shared::log::SegmentSummary>,
 }
 
 /// How an append ended.
@@ -62,6 +92,23 @@ pub enum StoreInput {
         keys: Vec<ProducerKey>,
         /// The answer, in the same order.
         reply: oneshot::Sender<Vec<RangeSet>>,
+    },
+    /// Closed segments, disk use and edge counters, for the tierer.
+    TierSnapshot {
+        /// The answer.
+        reply: oneshot::Sender<TierSnapshot>,
+    },
+    /// The tierer has these segments in the bucket: remove local segments of `stream`'s
+    /// `partition` below `below`. Answers with what was removed.
+    Release {
+        /// Stream.
+        stream: String,
+        /// Partition.
+        partition: u32,
+        /// Offset below which segments go.
+        below: Offset,
+        /// The answer.
+        reply: oneshot::Sender<Result<Vec<shared::log::SegmentSummary>, String>>,
     },
     /// Sync and stop.
     Shutdown,
@@ -115,6 +162,26 @@ impl StoreHandle {
         rx.await.map_err(|_| stopped())
     }
 
+    /// Closed segments, disk use and edge counters.
+    pub async fn tier_snapshot(&self) -> Result<TierSnapshot, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(StoreInput::TierSnapshot { reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Removes local segments of a partition below `below` (they are in the bucket).
+    pub async fn release(
+        &self,
+        stream: String,
+        partition: u32,
+        below: Offset,
+    ) -> Result<Vec<shared::log::SegmentSummary>, String> {
+        let (reply, rx) = oneshot::channel();
+        let input = StoreInput::Release { stream, partition, below, reply };
+        self.tx.send(input).await.map_err(|_| "the store is stopping".to_string())?;
+        rx.await.map_err(|_| "the store is stopping".to_string())?
+    }
+
     /// Asks the writer to sync and stop.
     pub async fn shutdown(&self) {
         let _ = self.tx.send(StoreInput::Shutdown).await;
@@ -137,6 +204,10 @@ pub struct Store {
     appended: DedupIndex,
     durable: DedupIndex,
     metrics: Arc<Metrics>,
+    /// Appends waiting for room on disk (unanswered: backpressure). Bounded by the edges'
+    /// in-flight windows: an edge sends no more than its window without acks.
+    parked: Vec<AppendRequest>,
+    edges: HashMap<String, crate::catalog::EdgeDelta>,
 }
 
 impl std::fmt::Debug for Store {
@@ -156,7 +227,13 @@ impl Store {
             appended: DedupIndex::new(),
             durable: DedupIndex::new(),
             metrics,
+            parked: Vec::new(),
+            edges: HashMap::new(),
         };
+        for (key, range) in store.config.tiered_ranges.clone() {
+            store.appended.insert(key.clone(), range.clone());
+            store.durable.insert(key, range);
+        }
         let streams_dir = store.config.data_dir.join(shared::log::verify::STREAMS_DIR);
         let names = match std::fs::read_dir(&streams_dir) {
             Ok(d) => d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect::<Vec<_>>(),
@@ -182,20 +259,40 @@ impl Store {
             let mut stop = false;
             let mut next = Some(first);
             let mut taken = 0;
+            let mut over_budget = self.disk_bytes() > self.config.disk_budget_bytes;
+            if !over_budget {
+                for req in std::mem::take(&mut self.parked) {
+                    self.take_append(req, &mut waiting);
+                }
+            }
             while let Some(input) = next.take() {
                 taken += 1;
                 match input {
-                    StoreInput::Append(req) => {
-                        let AppendRequest { key, range, batch, reply } = *req;
-                        match self.append(&key, &range, &batch) {
-                            Ok(stored) => waiting.push((key, range, stored, batch.header().min_ts_ms, reply)),
-                            Err(refusal) => {
-                                let _ = reply.send(Err(refusal));
-                            }
+                    StoreInput::Append(req) if over_budget => {
+                        if self.parked.is_empty() {
+                            tracing::warn!(
+                                budget = self.config.disk_budget_bytes,
+                                "disk budget full of untiered data: holding acks until the tierer frees room"
+                            );
                         }
+                        self.metrics.tier.backpressure_waits.inc();
+                        self.parked.push(*req);
                     }
+                    StoreInput::Append(req) => self.take_append(*req, &mut waiting),
                     StoreInput::Held { keys, reply } => {
                         let _ = reply.send(keys.iter().map(|k| self.durable.held(k)).collect());
+                    }
+                    StoreInput::TierSnapshot { reply } => {
+                        let _ = reply.send(self.tier_snapshot());
+                    }
+                    StoreInput::Release { stream, partition, below, reply } => {
+                        let _ = reply.send(self.release(&stream, partition as usize, below));
+                        over_budget = self.disk_bytes() > self.config.disk_budget_bytes;
+                        if !over_budget {
+                            for req in std::mem::take(&mut self.parked) {
+                                self.take_append(req, &mut waiting);
+                            }
+                        }
                     }
                     StoreInput::Shutdown => stop = true,
                 }
@@ -222,6 +319,49 @@ impl Store {
             }
         }
         self.sync_all();
+        for req in self.parked.drain(..) {
+            let _ = req.reply.send(Err(stopped()));
+        }
+    }
+
+    fn take_append(&mut self, req: AppendRequest, waiting: &mut Vec<(ProducerKey, Range<u64>, Stored, i64, Reply)>) {
+        let AppendRequest { key, range, batch, reply } = req;
+        match self.append(&key, &range, &batch) {
+            Ok(stored) => waiting.push((key, range, stored, batch.header().min_ts_ms, reply)),
+            Err(refusal) => {
+                let _ = reply.send(Err(refusal));
+            }
+        }
+    }
+
+    /// Bytes of every log on disk.
+    fn disk_bytes(&self) -> u64 {
+        self.streams.values().flat_map(|s| s.logs.iter()).map(Log::disk_bytes).sum()
+    }
+
+    fn tier_snapshot(&mut self) -> TierSnapshot {
+        let mut partitions = Vec::new();
+        for (name, s) in &self.streams {
+            for (p, log) in s.logs.iter().enumerate() {
+                let mut closed = log.segments();
+                closed.pop();
+                partitions.push(PartitionSegments { stream: name.clone(), partition: p as u32, closed });
+            }
+        }
+        partitions.sort_by(|a, b| (&a.stream, a.partition).cmp(&(&b.stream, b.partition)));
+        let mut edges: Vec<_> = self.edges.drain().map(|(_, d)| d).collect();
+        edges.sort_by(|a, b| a.edge.cmp(&b.edge));
+        TierSnapshot { partitions, disk_bytes: self.disk_bytes(), edges, backpressure: !self.parked.is_empty() }
+    }
+
+    fn release(&mut self, stream: &str, p: usize, below: Offset) -> Result<Vec<shared::log::SegmentSummary>, String> {
+        let log = self
+            .streams
+            .get_mut(stream)
+            .and_then(|s| s.logs.get_mut(p))
+            .ok_or_else(|| format!("no partition {p} of stream {stream}"))?;
+        log.release_below(below);
+        log.apply_retention(now_ms()).map_err(|e| format!("stream {stream} partition {p}: {e}"))
     }
 
     /// Appends unless held; returns how it will be answered after the sync.
@@ -260,6 +400,7 @@ impl Store {
                     self.metrics.records_stored.add(u64::from(batch.header().record_count));
                 }
                 self.metrics.bytes_stored.add(batch.bytes().len() as u64);
+                self.note_edge(batch);
                 self.appended.insert(key.clone(), range.clone());
                 Ok(Stored::Durable)
             }
@@ -321,12 +462,33 @@ impl Store {
         let mine = |k: &ProducerKey| k.stream == stream && partition_of(&k.edge, n) == p;
         self.appended.retain(|k| !mine(k));
         self.durable.retain(|k| !mine(k));
+        for (key, range) in self.config.tiered_ranges.iter().filter(|(k, _)| mine(k)) {
+            self.appended.insert(key.clone(), range.clone());
+            self.durable.insert(key.clone(), range.clone());
+        }
         let Some(log) = self.streams.get_mut(stream).map(|s| &mut s.logs[p]) else { return };
         if let Err(e) = read_headers(log, |key, range| {
             self.appended.insert(key.clone(), range.clone());
             self.durable.insert(key, range);
         }) {
             tracing::error!(stream, partition = p, error = %e, "rebuilding dedup failed");
+        }
+    }
+
+    fn note_edge(&mut self, batch: &Batch) {
+        let h = batch.header();
+        let now = now_ms();
+        let d = self
+            .edges
+            .entry(h.producer.clone())
+            .or_insert_with(|| crate::catalog::EdgeDelta { edge: h.producer.clone(), ..Default::default() });
+        d.last_seen_ms = now;
+        d.bytes += batch.bytes().len() as u64;
+        d.lag_ms = now.saturating_sub(h.max_ts_ms);
+        if h.is_gap() {
+            d.gaps += 1;
+        } else {
+            d.records += u64::from(h.record_count);
         }
     }
 
@@ -460,4 +622,104 @@ pub fn read_stream(data_dir: &Path, stream: &str) -> std::io::Result<Vec<(usize,
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use shared::batch::{BatchEncoder, BatchLimits, BatchMeta, Compression, PayloadFormat, Record};
+    use shared::ids::{Epoch, Seq};
+
+    fn batch(k: u64) -> Batch {
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record { ts_ms: 1_000 + i, topic: "t".into(), payload: vec![b'x'; 2000].into(), attrs: vec![] })
+            .collect();
+        let meta = BatchMeta {
+            producer: "e1".into(),
+            epoch: Epoch(1),
+            stream: "cdr".into(),
+            base_seq: Seq(k * 10),
+            payload_format: PayloadFormat::Raw,
+        };
+        let mut out = BytesMut::new();
+        BatchEncoder::new(Compression::None).unwrap().encode(&meta, &records, &mut out).unwrap();
+        Batch::from_bytes(out.freeze(), &BatchLimits::default()).unwrap()
+    }
+
+    fn key() -> ProducerKey {
+        ProducerKey { edge: "e1".into(), epoch: 1, stream: "cdr".into() }
+    }
+
+    #[test]
+    fn a_full_disk_budget_holds_acks_until_room_is_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            data_dir: dir.path().into(),
+            partitions: 1,
+            segment_bytes_max: 64 << 10,
+            disk_budget_bytes: 200 << 10,
+            tiered_ranges: vec![],
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (handle, thread) = Store::open(config, metrics.clone()).unwrap().spawn(8).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            // ~20 KB batches: past 200 KiB the next append is held, not refused.
+            let mut k = 0;
+            let held = loop {
+                let rx = handle.append_pipelined(key(), k * 10..k * 10 + 10, batch(k)).await.unwrap();
+                let snap = handle.tier_snapshot().await.unwrap();
+                if k == 0 {
+                    let e = &snap.edges[0];
+                    assert_eq!((e.edge.as_str(), e.records, e.gaps), ("e1", 10, 0), "{e:?}");
+                    assert!(e.bytes > 20_000 && e.last_seen_ms > 0, "{e:?}");
+                }
+                if snap.backpressure {
+                    break rx;
+                }
+                assert_eq!(rx.await.unwrap().unwrap(), Stored::Durable);
+                k += 1;
+                assert!(k < 100, "the budget never filled");
+            };
+            let snap = handle.tier_snapshot().await.unwrap();
+            assert!(snap.disk_bytes > 200 << 10);
+            assert!(snap.edges.is_empty(), "edge counters go to the tierer once");
+            assert_eq!(metrics.tier.backpressure_waits.get(), 1);
+            let mut held = held;
+            assert!(held.try_recv().is_err(), "no answer while the disk budget is full");
+
+            // The tierer frees room (here: everything closed goes); the held append lands.
+            let closed = &snap.partitions[0].closed;
+            let below = closed.last().unwrap().end;
+            let removed = handle.release("cdr".into(), 0, below).await.unwrap();
+            assert_eq!(removed.len(), closed.len());
+            assert_eq!(held.await.unwrap().unwrap(), Stored::Durable);
+            assert!(!handle.tier_snapshot().await.unwrap().backpressure);
+            handle.shutdown().await;
+        });
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn seeded_tiered_ranges_make_a_resent_batch_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            data_dir: dir.path().into(),
+            partitions: 1,
+            segment_bytes_max: 64 << 10,
+            disk_budget_bytes: u64::MAX,
+            tiered_ranges: vec![(key(), 0..20)],
+        };
+        let (handle, thread) = Store::open(config, Arc::new(Metrics::default())).unwrap().spawn(8).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            assert_eq!(handle.append(key(), 10..20, batch(1)).await.unwrap(), Stored::Duplicate);
+            assert_eq!(handle.append(key(), 20..30, batch(2)).await.unwrap(), Stored::Durable);
+            let held = handle.held(vec![key()]).await.unwrap();
+            assert!(held[0].contains_range(&(0..30)) && held[0].ranges().len() == 1, "{held:?}");
+            handle.shutdown().await;
+        });
+        thread.join().unwrap();
+    }
 }

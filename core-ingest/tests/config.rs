@@ -12,7 +12,7 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/core-inges
 
 /// Every key of [`Config`] and its `[tls]` table. `deny_unknown_fields` catches keys the
 /// example has and the config does not; this list catches the other way round.
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 24] = [
     "node",
     "data_dir",
     "listen",
@@ -27,6 +27,16 @@ const KEYS: [&str; 14] = [
     "ca_file",
     "cert_file",
     "key_file",
+    "object_store",
+    "tier_after",
+    "local_retention",
+    "disk_budget_bytes",
+    "interval",
+    "retry_backoff_initial",
+    "retry_backoff_max",
+    "multipart_threshold_bytes",
+    "part_bytes",
+    "tokens",
 ];
 
 /// The example next to a `pki/` directory holding the certificates it names.
@@ -93,4 +103,37 @@ fn validate_accepts_the_example_and_names_a_typo() {
 
     let out = validate(&tmp.path().join("pki/missing.toml")).unwrap();
     assert_ne!(out.status.code(), Some(0));
+}
+
+#[test]
+fn tier_and_read_api_problems_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = example_beside_certs(tmp.path());
+    let text = fs::read_to_string(&path).unwrap();
+    let bad = text
+        .replacen("# object_store = \"s3://backhaul-core/prod\"", "object_store = \"gs://elsewhere\"", 1)
+        .replacen("# listen = \"127.0.0.1:9466\"", "listen = \"0.0.0.0:9466\"", 1)
+        .replacen("part_bytes = \"8MiB\"", "part_bytes = \"1MiB\"", 1)
+        .replacen("retry_backoff_max = \"60s\"", "retry_backoff_max = \"10ms\"", 1);
+    let err = Config::parse(&bad, &path).unwrap_err().to_string();
+    for key in ["tier.object_store", "read_api.listen", "tier.part_bytes", "tier.retry_backoff_max"] {
+        assert!(err.contains(key), "{key} is named: {err}");
+    }
+    let ok = text.replacen("# listen = \"127.0.0.1:9466\"", "listen = \"127.0.0.1:9466\"", 1);
+    assert_eq!(Config::parse(&ok, &path).unwrap().read_api.listen, Some("127.0.0.1:9466".parse().unwrap()));
+
+    // Non-loopback with HTTPS and tokens is accepted; a short token is named.
+    let public = text
+        .replacen("# listen = \"127.0.0.1:9466\"", "listen = \"0.0.0.0:9466\"", 1)
+        .replacen("# cert_file = \"pki/read-api.pem\"", "cert_file = \"pki/server.pem\"", 1)
+        .replacen("# key_file = \"pki/read-api.key\"", "key_file = \"pki/server.key\"", 1)
+        .replacen("# tokens = { cdr = \"env:BACKHAUL_READ_TOKEN_CDR\" }", "tokens = { cdr = \"0123456789abcdef\" }", 1);
+    let c = Config::parse(&public, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.read_api.cert_file, Some(tmp.path().join("pki/server.pem")), "relative to the file");
+    let short = public.replacen("0123456789abcdef", "short", 1);
+    let err = Config::parse(&short, &path).unwrap_err().to_string();
+    assert!(err.contains("read_api.tokens.cdr"), "{err}");
+    let unset = public.replacen("\"0123456789abcdef\"", "\"env:BACKHAUL_TEST_UNSET_VAR\"", 1);
+    let err = Config::parse(&unset, &path).unwrap_err().to_string();
+    assert!(err.contains("BACKHAUL_TEST_UNSET_VAR"), "{err}");
 }

@@ -132,8 +132,8 @@ pub enum DeliveryConfig {
 pub enum ReleaseOn {
     /// Once the core has it fsynced.
     Durable,
-    /// Once the core has it in the bucket (two copies until then). The core does not tier
-    /// yet: with this setting nothing is released, and the disk budget decides.
+    /// Once the core has it in the bucket (two copies until then): the core's TIERED frames
+    /// on the control stream say which seqs are.
     Tiered,
 }
 

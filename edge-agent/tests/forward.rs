@@ -642,3 +642,54 @@ fn two_core_nodes_failover() {
         core_counters(&secondary_metrics)
     );
 }
+
+/// Segment files of `stream` in an edge data directory.
+fn edge_segments(data: &Path, stream: &str) -> usize {
+    std::fs::read_dir(stream_dir(data, stream))
+        .expect("the stream's log directory")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".log")))
+        .count()
+}
+
+#[test]
+fn release_on_tiered_frees_the_edge_log_only_once_the_core_has_tiered() {
+    const TOTAL: u64 = 2_400;
+    let pki = Pki::new();
+    let core_data = tempfile::tempdir().expect("core data dir");
+    let tier =
+        "segment_bytes_max = \"64KiB\"\n[tier]\ntier_after = \"1h\"\nlocal_retention = \"1h\"\ninterval = \"100ms\"\n";
+    let mut core = Core::new_with("core-a", &pki, core_data.path(), tier);
+    core.start();
+    let broker = Mosquitto::start("");
+    let data = tempfile::tempdir().expect("edge data dir");
+    let config = two_streams(&broker, "segment_bytes_max = \"16KiB\"\nrelease_on = \"tiered\"")
+        + &forward_toml(&[&core], &pki, "");
+    let agent = Agent::start(&config, data.path());
+    let publisher = Publisher::connect(&broker, "publisher");
+    agent.wait_subscribed(&publisher);
+    let msgs = messages(0, TOTAL, &TOPICS);
+    publisher.publish_all(&msgs);
+    publisher.wait_all_acked(PUBLISH_TIMEOUT);
+    let want: Vec<(&str, u64)> = STREAMS.iter().map(|s| (*s, of_stream(&msgs, s).len() as u64)).collect();
+    let context = || format!("{}\n{}", agent.log_tail(), core.log_tail());
+    wait_held(&[core_data.path()], None, &want, context);
+
+    // Durable at the core is not enough: the edge keeps its copy.
+    let before = edge_segments(data.path(), "cdr");
+    assert!(before >= 4, "the test needs several edge segments, got {before}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(edge_segments(data.path(), "cdr"), before, "released before anything was tiered");
+    assert_eq!(core.metric("backhaul_core_tiered_segments_total"), 0);
+
+    // The core restarts with tiering due at once; its TIERED frames let the edge release.
+    let status = core.sigterm_and_wait();
+    assert!(status.success(), "core-ingest exited with {status}\n{}", core.log_tail());
+    core.edit_config("tier_after = \"1h\"", "tier_after = \"0ms\"");
+    core.start();
+    let deadline = Instant::now() + FORWARD_TIMEOUT;
+    while edge_segments(data.path(), "cdr") >= before {
+        assert!(Instant::now() < deadline, "the edge released nothing\n{}\n{}", agent.log_tail(), core.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(core.metric("backhaul_core_tiered_segments_total") > 0, "released only after tiering");
+}

@@ -43,6 +43,22 @@ pub fn open_or_create(data_dir: &Path, kind: &str) -> io::Result<u64> {
     }
 }
 
+/// The identity of an existing `data_dir` for `kind`, without creating anything: `None` if the
+/// directory has no identity file (tools reading a directory a node may not have created yet).
+pub fn read_existing(data_dir: &Path, kind: &str) -> io::Result<Option<u64>> {
+    let path = data_dir.join(FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => parse(&text, kind).map(Some).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: damaged identity file (or not a {kind} directory)", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
+}
+
 fn create(data_dir: &Path, kind: &str, id: u64) -> io::Result<u64> {
     FsStorage.create_dir_all(data_dir)?;
     let tmp = data_dir.join(format!("{FILE}.tmp"));

@@ -242,6 +242,30 @@ pub fn pem_serial(pem: &[u8]) -> Result<String, TlsError> {
     cert_serial(first.as_ref())
 }
 
+/// An HTTPS server's config (the core's read API): TLS 1.3 with the ring provider, presents
+/// `cert_pem` with `key_pem`, no client certificate (clients authenticate with bearer tokens).
+pub fn https_server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls { input: "protocol versions", source })?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert_pem, "certificate")?, private_key(key_pem)?)
+        .map_err(|source| TlsError::Rustls { input: "certificate and private key", source })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// An HTTPS client's config trusting only the CAs in `ca_pem`, without a client certificate.
+pub fn https_client_config(ca_pem: &[u8]) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls { input: "protocol versions", source })?
+        .with_root_certificates(root_store(ca_pem)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The edge id in a verified client certificate (DER): its subject CommonName. Refuses a
 /// certificate without exactly one CommonName, or whose CommonName is not a valid edge id
 /// ([`check_edge_id`]). Call it only on a certificate rustls has verified.

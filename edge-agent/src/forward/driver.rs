@@ -3,7 +3,9 @@
 //! what each log holds, WELCOME with what the core holds, then the session decides what to
 //! send. Each (stream, lane) has its own QUIC stream and its own writer task, so a slow stream
 //! never blocks another; the live lane of a stream has its priority, the backlog lane one less.
-//! Acks arrive on each data stream; released data goes under `release_on = "durable"`.
+//! Acks arrive on each data stream; released data goes under `release_on = "durable"`. TIERED
+//! frames arrive on the control stream; under `release_on = "tiered"` data goes once the core
+//! says it is in the bucket.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -364,6 +366,34 @@ fn save_cursors(p: &ForwardParams, through: &HashMap<usize, u64>) {
 enum Event {
     Ack(usize, Range<u64>),
     StreamFailed(usize, String),
+    /// The core's TIERED frame: these seqs of stream `.0` are in the bucket.
+    Tiered(usize, shared::ranges::RangeSet),
+}
+
+/// Aborts a task when dropped (the connection's control-stream reader ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the control stream after the WELCOME: TIERED frames become [`Event::Tiered`].
+async fn read_control(
+    mut recv: quinn::RecvStream,
+    mut buf: BytesMut,
+    names: Vec<String>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    while let Ok(Some(frame)) = read_frame(&mut recv, &mut buf).await {
+        if let Frame::Tiered { stream, ranges } = frame
+            && let Some(i) = names.iter().position(|n| *n == stream)
+            && tx.send(Event::Tiered(i, ranges)).is_err()
+        {
+            return;
+        }
+    }
 }
 
 async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Option<Duration>) -> Ended {
@@ -405,6 +435,8 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
     let bucket = p.config.bandwidth_bytes_per_s.map(|b| Arc::new(AsyncMutex::new(TokenBucket::new(b.0, 0))));
     let clock = Instant::now();
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
+    let names = p.streams.iter().map(|s| s.name.clone()).collect();
+    let _control = AbortOnDrop(tokio::spawn(read_control(ctl_recv, buf, names, event_tx.clone())));
     let mut lanes: HashMap<(usize, Lane), mpsc::Sender<Bytes>> = HashMap::new();
     let mut through: HashMap<usize, u64> = HashMap::new();
     let mut last_cursor_save = Instant::now();
@@ -514,6 +546,17 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
                         log.release_below(Offset(t));
                         if let Err(e) = log.apply_retention(now_ms()) {
                             tracing::warn!(stream = %p.streams[i].name, error = %e, "releasing forwarded data failed");
+                        }
+                    }
+                }
+                Event::Tiered(i, ranges) => {
+                    // `release_on = "tiered"`: two copies until the bucket holds the data.
+                    if p.streams[i].release_on == ReleaseOn::Tiered {
+                        let mut log = lock(&p.streams[i].log);
+                        let through = ranges.contiguous_end(log.start_offset().0);
+                        log.release_below(Offset(through));
+                        if let Err(e) = log.apply_retention(now_ms()) {
+                            tracing::warn!(stream = %p.streams[i].name, error = %e, "releasing tiered data failed");
                         }
                     }
                 }

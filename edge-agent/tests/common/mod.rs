@@ -844,6 +844,12 @@ pub struct Core {
 impl Core {
     /// Writes the config of node `node` storing under `data_dir`; does not start it.
     pub fn new(node: &str, pki: &Pki, data_dir: &Path) -> Core {
+        Core::new_with(node, pki, data_dir, "")
+    }
+
+    /// [`Core::new`] with `extra` config lines (top-level keys, then tables such as `[tier]`)
+    /// before its `[tls]` table.
+    pub fn new_with(node: &str, pki: &Pki, data_dir: &Path, extra: &str) -> Core {
         let work = tempfile::tempdir().expect("temp dir for the core");
         let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -855,7 +861,7 @@ impl Core {
              admin_listen = \"{admin}\"\n\
              partitions = 4\n\
              keep_alive = \"200ms\"\n\
-             idle_timeout = \"2s\"\n\n\
+             idle_timeout = \"2s\"\n{extra}\n\n\
              [tls]\n\
              ca_file = \"{}\"\n\
              cert_file = \"{}\"\n\
@@ -879,6 +885,13 @@ impl Core {
             log_path,
             env: Vec::new(),
         }
+    }
+
+    /// Replaces `from` with `to` in the config file (takes effect at the next start).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = fs::read_to_string(&self.config_path).expect("reading the core config");
+        assert!(text.contains(from), "{from:?} is not in the core config");
+        fs::write(&self.config_path, text.replacen(from, to, 1)).expect("writing the core config");
     }
 
     /// [`Core::new`], then [`Core::start`].

@@ -14,6 +14,7 @@
 //! - [`rules`]: the rules (CEL predicates, sample, pseudonymise, mask, remove, enrich,
 //!   dedup, downsample) and their counters.
 //! - [`config`]: `[streams.NAME.shape]` in the agent's TOML, validated and compiled here.
+//! - [`trial`]: `edge-agent rules test`, the rules run on sample messages (stdin to stdout).
 //!
 //! `raw` streams keep their payloads byte for byte: only rules that do not change fields
 //! (drop, keep, sample, dedup, enrich) are allowed on them. Every other format is re-encoded
@@ -26,6 +27,7 @@ pub mod record;
 pub mod rules;
 pub mod senml;
 pub mod sparkplug;
+pub mod trial;
 
 use std::sync::Arc;
 

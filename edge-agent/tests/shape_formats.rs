@@ -177,6 +177,17 @@ proptest! {
     }
 
     #[test]
+    fn fuzz_target_bodies_hold_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        use edge_agent::shape::fuzzing;
+        fuzzing::json(&bytes);
+        fuzzing::csv(&bytes);
+        fuzzing::senml_json(&bytes);
+        fuzzing::senml_cbor(&bytes);
+        fuzzing::sparkplug(&bytes);
+        fuzzing::cdr_ber(&bytes);
+    }
+
+    #[test]
     fn cdr_decoder_survives_any_mutation_of_a_real_file(at in 0usize..240, byte in any::<u8>(), cut in 0usize..240) {
         let mut f = fixture("cdr_voice.ber");
         let at = at % f.len();

@@ -23,6 +23,7 @@
 pub mod cdr;
 pub mod config;
 pub mod decode;
+pub mod fuzzing;
 pub mod record;
 pub mod rules;
 pub mod senml;

@@ -13,7 +13,10 @@
 //!
 //! Per stream, `received = appended + dropped{too_large, invalid_payload, duplicate}` once
 //! nothing is in flight; `dropped{disk_full_drop_oldest}` counts records evicted after they
-//! were appended.
+//! were appended. On shaped streams (`crate::shape`) one message may decode into several
+//! records (CSV lines, a CDR file) and `dropped{filtered}` counts records the rules dropped or
+//! folded into a window, so there `received` counts messages and `appended` records; each
+//! rule's own counts are `backhaul_edge_shape_rule_records_total{stream,rule,outcome}`.
 //!
 //! Exposition: Prometheus text format 0.0.4 ([`Snapshot::render`]), and back
 //! ([`Snapshot::parse`], used by `edge-agent status`):

@@ -212,12 +212,14 @@ impl<'de> Deserialize<'de> for Fields {
                 if m.iter().any(|(_, v)| depth(v) >= NESTING_MAX) {
                     return Err(de::Error::custom(format!("nested deeper than {NESTING_MAX} levels")));
                 }
-                // A repeated name keeps its last value, as most JSON readers do.
-                let mut seen = std::collections::HashSet::with_capacity(m.len());
-                let mut dup = false;
-                for (k, _) in &m {
-                    dup |= !seen.insert(k.as_str());
-                }
+                // A repeated name keeps its last value, as most JSON readers do. Records have
+                // tens of fields: a pairwise scan costs less than hashing every name.
+                let dup = if m.len() <= 32 {
+                    (1..m.len()).any(|i| m[..i].iter().any(|(k, _)| *k == m[i].0))
+                } else {
+                    let mut seen = std::collections::HashSet::with_capacity(m.len());
+                    !m.iter().all(|(k, _)| seen.insert(k.as_str()))
+                };
                 if dup {
                     let mut out: Vec<(String, Value)> = Vec::with_capacity(m.len());
                     for (k, v) in m.drain(..) {

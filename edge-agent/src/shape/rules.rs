@@ -4,7 +4,11 @@
 //! Predicates are CEL (the `cel` crate), parsed once per rule. At compile time the rule finds
 //! which `record.<field>` names the expression selects; per record only those fields are
 //! converted to CEL values (typed field access), not the whole record. An expression that uses
-//! `record` some other way (`record["a b"]`, `size(record)`) gets every field.
+//! `record` some other way (`record["a b"]`, `size(record)`) gets every field. The common
+//! shape of a filter — comparisons of `record.<field>` with literals joined by `&&`, `||`
+//! and `!` — is also compiled to a native tree ([`Native`]) that reads the typed fields
+//! directly; it answers only where its answer is CEL's (same types on both sides, field
+//! present) and hands every other record to the CEL program, so results never differ.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -130,7 +134,10 @@ impl Rule {
                         && *v != Value::Null
                     {
                         let mut m = (**mac).clone();
-                        m.update(v.to_text().as_bytes());
+                        match &*v {
+                            Value::Str(text) => m.update(text.as_bytes()),
+                            other => m.update(other.to_text().as_bytes()),
+                        }
                         *v = Value::Str(hex(&m.finalize().into_bytes()));
                         changed = true;
                     }
@@ -198,6 +205,10 @@ fn mask(text: &str, keep_last: usize) -> String {
 #[derive(Debug)]
 pub struct Predicate {
     program: cel::Program,
+    /// The native form, where the expression has one (module doc).
+    native: Option<Native>,
+    /// Field names as CEL map keys, made once.
+    keys: Vec<(String, cel::objects::Key)>,
     /// The fields it selects; `None`: all of them.
     fields: Option<Vec<String>>,
     uses_topic: bool,
@@ -219,8 +230,13 @@ impl Predicate {
         if let Some(v) = idents.iter().find(|v| !PREDICATE_VARIABLES.contains(&v.as_str())) {
             return Err(format!("CEL: unknown variable {v:?} (a predicate sees record, topic and ts_ms)"));
         }
+        let fields: Option<Vec<String>> = (!whole).then(|| named.into_iter().collect());
+        let keys =
+            fields.iter().flatten().map(|n| (n.clone(), cel::objects::Key::String(Arc::new(n.clone())))).collect();
         Ok(Predicate {
-            fields: (!whole).then(|| named.into_iter().collect()),
+            native: Native::compile(program.expression()),
+            keys,
+            fields,
             uses_topic: refs.has_variable("topic"),
             uses_ts: refs.has_variable("ts_ms"),
             program,
@@ -229,14 +245,22 @@ impl Predicate {
 
     /// Evaluates it on `item`: true or false, or why it could not.
     pub fn eval(&self, item: &Item) -> Result<bool, String> {
+        if let Some(b) = self.native.as_ref().and_then(|n| n.eval(&item.fields)) {
+            return Ok(b);
+        }
+        self.eval_cel(item)
+    }
+
+    /// Evaluates it with the CEL interpreter only.
+    pub fn eval_cel(&self, item: &Item) -> Result<bool, String> {
         ROOT.with(|root| {
             let mut ctx = root.new_inner_scope();
-            let mut map = HashMap::new();
+            let mut map = HashMap::with_capacity(self.keys.len());
             match &self.fields {
-                Some(names) => {
-                    for n in names {
+                Some(_) => {
+                    for (n, key) in &self.keys {
                         if let Some(v) = item.fields.get(n) {
-                            map.insert(cel::objects::Key::String(Arc::new(n.clone())), to_cel(v));
+                            map.insert(key.clone(), to_cel(v));
                         }
                     }
                 }
@@ -259,6 +283,161 @@ impl Predicate {
                 Err(e) => Err(e.to_string()),
             }
         })
+    }
+}
+
+/// A predicate compiled to native comparisons of typed fields (module doc). `eval` gives
+/// `None` wherever CEL's answer could differ (a missing field, mixed types): CEL decides those.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Native {
+    /// `a && b`.
+    And(Box<Native>, Box<Native>),
+    /// `a || b`.
+    Or(Box<Native>, Box<Native>),
+    /// `!a`.
+    Not(Box<Native>),
+    /// `record.<field> <op> literal`.
+    Cmp(String, CmpOp, Literal),
+    /// `record.<field>` holding a bool.
+    Field(String),
+}
+
+/// A comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+/// A literal a native comparison holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Literal {
+    /// Integer.
+    Int(i64),
+    /// Double.
+    Float(f64),
+    /// String.
+    Str(String),
+    /// Bool.
+    Bool(bool),
+}
+
+impl Native {
+    /// The native form of `e`, if it has one.
+    pub fn compile(e: &Expression) -> Option<Native> {
+        use cel::common::ast::operators as op;
+        let Expr::Call(c) = &e.expr else {
+            return record_field(e).map(Native::Field);
+        };
+        if c.target.is_some() {
+            return None;
+        }
+        match (c.func_name.as_str(), c.args.as_slice()) {
+            (op::LOGICAL_AND, [a, b]) => {
+                Some(Native::And(Box::new(Native::compile(a)?), Box::new(Native::compile(b)?)))
+            }
+            (op::LOGICAL_OR, [a, b]) => Some(Native::Or(Box::new(Native::compile(a)?), Box::new(Native::compile(b)?))),
+            (op::LOGICAL_NOT, [a]) => Some(Native::Not(Box::new(Native::compile(a)?))),
+            (name, [a, b]) => {
+                let cmp = match name {
+                    op::EQUALS => CmpOp::Eq,
+                    op::NOT_EQUALS => CmpOp::Ne,
+                    op::LESS => CmpOp::Lt,
+                    op::LESS_EQUALS => CmpOp::Le,
+                    op::GREATER => CmpOp::Gt,
+                    op::GREATER_EQUALS => CmpOp::Ge,
+                    _ => return None,
+                };
+                match (record_field(a), literal(b), record_field(b), literal(a)) {
+                    (Some(f), Some(l), _, _) => Some(Native::Cmp(f, cmp, l)),
+                    (_, _, Some(f), Some(l)) => Some(Native::Cmp(f, cmp.flipped(), l)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// The predicate's value on `fields`, or `None`: ask CEL.
+    pub fn eval(&self, fields: &Fields) -> Option<bool> {
+        match self {
+            Native::And(a, b) => match a.eval(fields)? {
+                false => Some(false),
+                true => b.eval(fields),
+            },
+            Native::Or(a, b) => match a.eval(fields)? {
+                true => Some(true),
+                false => b.eval(fields),
+            },
+            Native::Not(a) => a.eval(fields).map(|b| !b),
+            Native::Field(f) => match fields.get(f)? {
+                Value::Bool(b) => Some(*b),
+                _ => None,
+            },
+            Native::Cmp(f, op, lit) => {
+                let ord = match (fields.get(f)?, lit) {
+                    (Value::Int(a), Literal::Int(b)) => a.partial_cmp(b),
+                    (Value::Float(a), Literal::Float(b)) => a.partial_cmp(b),
+                    (Value::Str(a), Literal::Str(b)) => a.as_str().partial_cmp(b.as_str()),
+                    (Value::Bool(a), Literal::Bool(b)) if matches!(op, CmpOp::Eq | CmpOp::Ne) => a.partial_cmp(b),
+                    _ => return None,
+                };
+                let Some(ord) = ord else {
+                    return None; // NaN: let CEL say
+                };
+                Some(match op {
+                    CmpOp::Eq => ord.is_eq(),
+                    CmpOp::Ne => ord.is_ne(),
+                    CmpOp::Lt => ord.is_lt(),
+                    CmpOp::Le => ord.is_le(),
+                    CmpOp::Gt => ord.is_gt(),
+                    CmpOp::Ge => ord.is_ge(),
+                })
+            }
+        }
+    }
+}
+
+impl CmpOp {
+    /// The same comparison with its operands swapped.
+    fn flipped(self) -> CmpOp {
+        match self {
+            CmpOp::Lt => CmpOp::Gt,
+            CmpOp::Le => CmpOp::Ge,
+            CmpOp::Gt => CmpOp::Lt,
+            CmpOp::Ge => CmpOp::Le,
+            other => other,
+        }
+    }
+}
+
+fn record_field(e: &Expression) -> Option<String> {
+    match &e.expr {
+        Expr::Select(s) if !s.test && matches!(&s.operand.expr, Expr::Ident(id) if id == "record") => {
+            Some(s.field.clone())
+        }
+        _ => None,
+    }
+}
+
+fn literal(e: &Expression) -> Option<Literal> {
+    use cel::common::ast::LiteralValue as L;
+    match &e.expr {
+        Expr::Literal(L::Int(i)) => Some(Literal::Int(*i.inner())),
+        Expr::Literal(L::Double(d)) => Some(Literal::Float(*d.inner())),
+        Expr::Literal(L::String(s)) => Some(Literal::Str(s.inner().to_owned())),
+        Expr::Literal(L::Boolean(b)) => Some(Literal::Bool(*b.inner())),
+        _ => None,
     }
 }
 
@@ -633,6 +812,64 @@ mod tests {
         let whole = Predicate::compile(r#"size(record) > 2 && topic.startsWith("cdr/")"#).unwrap();
         assert_eq!(whole.fields, None);
         assert!(whole.eval(&item(0, r#"{"a":1,"b":2,"c":3}"#)).unwrap());
+    }
+
+    #[test]
+    fn common_filters_compile_to_native_form() {
+        let p = Predicate::compile(r#"record.duration_s < 1 && record.record_type == "voice""#).unwrap();
+        assert_eq!(
+            p.native,
+            Some(Native::And(
+                Box::new(Native::Cmp("duration_s".into(), CmpOp::Lt, Literal::Int(1))),
+                Box::new(Native::Cmp("record_type".into(), CmpOp::Eq, Literal::Str("voice".into()))),
+            ))
+        );
+        let p = Predicate::compile("1.5 >= record.dur || !record.ok").unwrap();
+        assert_eq!(
+            p.native,
+            Some(Native::Or(
+                Box::new(Native::Cmp("dur".into(), CmpOp::Le, Literal::Float(1.5))),
+                Box::new(Native::Not(Box::new(Native::Field("ok".into())))),
+            ))
+        );
+        assert_eq!(Predicate::compile(r#"topic.startsWith("cdr/")"#).unwrap().native, None);
+        assert_eq!(Predicate::compile("record.a + 1 > 2").unwrap().native, None);
+    }
+
+    proptest::proptest! {
+        /// The native form answers exactly as CEL does, or leaves the record to CEL.
+        #[test]
+        fn native_and_cel_agree(
+            expr in proptest::sample::select(vec![
+                "record.a < 3 && record.s == \"x\"",
+                "record.a >= 2 || record.f < 0.5",
+                "!(record.s != \"y\") && record.b",
+                "2 < record.a || !record.b",
+                "record.f == 1.0 || record.a == 1",
+            ]),
+            a in proptest::option::of(-2i64..5),
+            f in proptest::option::of(proptest::prop_oneof![-1.0f64..2.0, proptest::strategy::Just(f64::NAN)]),
+            s in proptest::option::of(proptest::sample::select(vec!["x", "y", ""])),
+            b in proptest::option::of(proptest::bool::ANY),
+            mixed in proptest::bool::ANY,
+        ) {
+            let p = Predicate::compile(expr).unwrap();
+            proptest::prop_assert!(p.native.is_some());
+            let mut fields = Vec::new();
+            if let Some(a) = a {
+                // Sometimes the "wrong" type, so the native form must step aside.
+                fields.push(("a".to_owned(), if mixed { Value::Str(a.to_string()) } else { Value::Int(a) }));
+            }
+            if let Some(f) = f { fields.push(("f".to_owned(), Value::Float(f))); }
+            if let Some(s) = s { fields.push(("s".to_owned(), Value::Str(s.into()))); }
+            if let Some(b) = b { fields.push(("b".to_owned(), Value::Bool(b))); }
+            let it = Item { ts_ms: 0, topic: "t".into(), fields: Fields(fields), attrs: vec![], matched: vec![] };
+            let cel = p.eval_cel(&it);
+            if let Some(native) = p.native.as_ref().unwrap().eval(&it.fields) {
+                proptest::prop_assert_eq!(Ok(native), cel.clone(), "{}", expr);
+            }
+            proptest::prop_assert_eq!(p.eval(&it), cel, "{}", expr);
+        }
     }
 
     #[test]

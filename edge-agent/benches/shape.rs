@@ -6,7 +6,10 @@
 //! - `rules`: decode, two CEL predicates (`drop` short voice calls, `drop` GSM SMS),
 //!   `pseudonymise` IMSI, MSISDN and IMEI (HMAC-SHA-256), re-encode.
 //!
-//! Criterion measures both; then, so the two share the same conditions, they run interleaved
+//! - `rules_cel`: the same rule set with the predicates written so that they have no native
+//!   form (`record.type in ["voice"]`), so every record goes through the CEL interpreter.
+//!
+//! Criterion measures each; then, so the two share the same conditions, they run interleaved
 //! for `ROUNDS` rounds and the bench prints records/s per second of wall time and per second
 //! on a CPU (`/proc/thread-self/schedstat`), and the ratio of the two costs.
 //!
@@ -50,8 +53,13 @@ fn main() {
         RULES.replace("key_env = \"BH_BENCH_PII_KEY\"", &format!("key_file = {:?}", key_file.display().to_string()));
     let cfg: ShapeConfig = toml::from_str(&rules_text).expect("bench rules parse");
     let mut rules = compile("cdr", PayloadFormatConfig::Json, &cfg).expect("bench rules compile").expect("shaped");
-    let _ = std::fs::remove_file(&key_file);
+    let cel_text = rules_text
+        .replace(r#"record.type == "voice""#, r#"record.type in ["voice"]"#)
+        .replace(r#"record.type == "sms""#, r#"record.type in ["sms"]"#);
+    let cel_cfg: ShapeConfig = toml::from_str(&cel_text).expect("bench rules parse");
+    let mut rules_cel = compile("cdr", PayloadFormatConfig::Json, &cel_cfg).expect("compile").expect("shaped");
     let mut plain = Shaper::new(Format::Json, 10_000, Vec::new());
+    let _ = std::fs::remove_file(&key_file);
 
     let mut rng = SmallRng::seed_from_u64(SEED);
     let payloads: Vec<(String, Vec<u8>)> =
@@ -67,19 +75,24 @@ fn main() {
     g.throughput(Throughput::Elements(RECORDS));
     g.bench_function("plain", |b| b.iter(|| pass(&mut plain, &payloads)));
     g.bench_function("rules", |b| b.iter(|| pass(&mut rules, &payloads)));
+    g.bench_function("rules_cel", |b| b.iter(|| pass(&mut rules_cel, &payloads)));
     g.finish();
     c.final_summary();
 
-    let (mut p, mut r) = (Tally::default(), Tally::default());
-    let mut kept = 0;
+    let (mut p, mut r, mut rc) = (Tally::default(), Tally::default(), Tally::default());
+    let (mut kept, mut kept_cel) = (0, 0);
     for _ in 0..ROUNDS {
         p.add(|| pass(&mut plain, &payloads));
-        kept = 0;
         r.add(|| {
             kept = pass(&mut rules, &payloads);
             kept
         });
+        rc.add(|| {
+            kept_cel = pass(&mut rules_cel, &payloads);
+            kept_cel
+        });
     }
+    assert_eq!(kept, kept_cel, "both rule sets keep the same records");
     println!();
     println!("shape bench: {RECORDS} CDRs ({} B avg), {ROUNDS} interleaved rounds each", bytes / RECORDS as usize);
     println!("| case | records/s (wall) | records/s per CPU-second | CPU / wall | records out |");
@@ -91,7 +104,14 @@ fn main() {
         r.per_cpu(),
         r.share()
     );
+    println!(
+        "| rules_cel: the same, predicates through the CEL interpreter | {:.0} | {:.0} | {:.2} | {kept_cel} |",
+        rc.per_wall(),
+        rc.per_cpu(),
+        rc.share()
+    );
     println!("rules cost / plain cost (CPU): {:.2}x (target <= 2x)", p.per_cpu() / r.per_cpu());
+    println!("rules_cel cost / plain cost (CPU): {:.2}x", p.per_cpu() / rc.per_cpu());
 }
 
 /// Shapes every payload once; the number of records that came out.

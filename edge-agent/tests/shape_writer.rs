@@ -154,3 +154,28 @@ fn validate_refuses_windowed_rules_on_backpressure_streams() {
     assert_eq!(key, "streams.sensors.shape.rules[0].kind", "{e}");
     assert!(why.contains("backpressure"), "{why}");
 }
+
+#[test]
+fn a_redelivery_after_restart_is_recognised_though_the_stored_payload_differs() {
+    let sim = SimStorage::new();
+    let (mut w, _) = open(&sim);
+    let csv = "data,001010123456789,447700900123,7\n";
+    publish(&mut w, 7, "cdr/a", csv, 1000);
+    assert_eq!(w.drive(10_000, 1000, false).len(), 1);
+    drop(w); // a crash after the fsync, before the PUBACK reached the broker
+    let (mut w, _) = open(&sim);
+    let dup = Incoming {
+        conn: 0,
+        pkid: 7,
+        qos: 1,
+        dup: true,
+        topic: "cdr/a".into(),
+        payload: Bytes::copy_from_slice(csv.as_bytes()),
+        ts_ms: 2000,
+        received_us: 0,
+    };
+    w.handle_input(Input::Publish(dup));
+    let acks: Vec<u16> = w.drive(20_000, 2000, true).iter().map(|a| a.pkid).collect();
+    assert_eq!(acks, vec![7], "the redelivery is acknowledged");
+    assert_eq!(records(&sim, "cdr").len(), 1, "and not stored twice");
+}

@@ -64,6 +64,25 @@ fn cdr_pgw_file_from_pyasn1() {
 }
 
 #[test]
+fn cdr_smf_chf_record_from_pyasn1() {
+    let r = decode(&Format::CdrBer, "cdr/file", &fixture("cdr_smf.ber"), 100).unwrap();
+    assert_eq!(r.len(), 1);
+    let p = &r[0];
+    assert_eq!(get(p, "record_type"), &s("smf"));
+    assert_eq!(get(p, "record_type_id"), &Value::Int(200));
+    assert_eq!(get(p, "imsi"), &s("001010111111111"), "the SUPI without its imsi- prefix");
+    assert_eq!(get(p, "imei"), &s("3569380356438091"));
+    assert_eq!(get(p, "start_time"), &s("2024-03-15T13:00:00+00:00"));
+    assert_eq!(get(p, "duration_s"), &Value::Int(600));
+    assert_eq!(get(p, "cause_for_closing"), &Value::Int(0));
+    assert_eq!(get(p, "charging_id"), &Value::Int(4_000_000_001), "chargingID [27] over the PDU session's [0]");
+    assert_eq!(get(p, "apn"), &s("internet"));
+    assert_eq!(get(p, "cell"), &s("010203"));
+    assert_eq!(get(p, "uplink_bytes"), &Value::Int(157));
+    assert_eq!(get(p, "downlink_bytes"), &Value::Int(953));
+}
+
+#[test]
 fn sparkplug_from_python_protobuf() {
     let r = decode(&Format::Sparkplug, "spBv1.0/plant1/DDATA/gw1/pump7", &fixture("sparkplug_ddata.pb"), 100).unwrap();
     assert_eq!(r.len(), 5);

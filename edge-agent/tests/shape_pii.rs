@@ -18,7 +18,7 @@ const KEY: &str = "site-lon1-pii-key-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Raw identifiers in the fixtures and the CSV lines below.
-const RAW: [&str; 9] = [
+const RAW: [&str; 11] = [
     "001010123456789",
     "447700900123",
     "001010987654321",
@@ -28,6 +28,8 @@ const RAW: [&str; 9] = [
     "310260000000001",
     "15550000001",
     "310260000000002",
+    "001010111111111",
+    "3569380356438091",
 ];
 
 const STREAMS: &str = r##"
@@ -103,6 +105,7 @@ fn no_raw_imsi_or_msisdn_reaches_the_core() {
 
     publisher.publish("cdr/files/msc1", fixture("cdr_voice.ber"));
     publisher.publish("cdr/files/pgw1", fixture("cdr_pgw.ber"));
+    publisher.publish("cdr/files/smf1", fixture("cdr_smf.ber"));
     publisher.publish(
         "cdr/csv/probe1",
         b"voice,310260000000001,15550000001,30\ndata,310260000000002,15550000002,0\n".to_vec(),
@@ -111,7 +114,7 @@ fn no_raw_imsi_or_msisdn_reaches_the_core() {
     publisher.publish("cdr/csv/probe1", b"voice,310260000000009,15550000009\n".to_vec());
     publisher.wait_all_acked(TIMEOUT);
 
-    let want = 3 + 2; // 2 voice CDRs + 1 PGW CDR; 2 CSV lines
+    let want = 4 + 2; // 2 voice CDRs, 1 PGW CDR, 1 SMF (CHF) record; 2 CSV lines
     let context = || format!("{}\n{}", agent.log_tail(), core.log_tail());
     common::wait_for("the core to hold every shaped record", TIMEOUT, context, || {
         let texts = core_texts(core_data.path());
@@ -129,7 +132,9 @@ fn no_raw_imsi_or_msisdn_reaches_the_core() {
         }
     }
     let all: String = texts.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join("\n");
-    for raw in ["001010123456789", "447700900123", "001010555555555", "310260000000001", "15550000002"] {
+    for raw in
+        ["001010123456789", "447700900123", "001010555555555", "001010111111111", "310260000000001", "15550000002"]
+    {
         assert!(all.contains(&pseudonym(raw)), "the pseudonym of {raw} is not at the core (no join possible)");
     }
     // The undecodable payload stayed on the edge, with its reason.

@@ -11,25 +11,26 @@
 //!           release extension u8 · BER record (length bytes)
 //! ```
 //! (all integers big-endian). The BER record is the `CallEventRecord` CHOICE (IMPLICIT tags):
-//! `[1]` moCallRecord, `[78]` sGWRecord, `[79]` pGWRecord are mapped; other record types make
+//! `[1]` moCallRecord, `[78]` sGWRecord, `[79]` pGWRecord and `[200]` chargingFunctionRecord
+//! (the 5G CHF record of an SMF's PDU session) are mapped; other record types make
 //! a record with only `record_type = "unmapped"` and `record_tag`, so no unmapped field (and no
 //! personal data in it) is ever forwarded.
 //!
 //! ```text
-//! | field | moCallRecord [1] | sGW/pGWRecord [78]/[79] |
-//! |---|---|---|
-//! | `record_type_id` | recordType [0] | recordType [0] |
-//! | `imsi` (TBCD) | servedIMSI [1] | servedIMSI [3] |
-//! | `imei` (TBCD) | servedIMEI [2] | servedIMEISV [29] |
-//! | `msisdn` (AddressString) | servedMSISDN [3] | servedMSISDN [22] |
-//! | `calling_number`, `called_number` | [4], [5] | — |
-//! | `start_time` | answerTime [23], else seizureTime [22] | recordOpeningTime [13] |
-//! | `duration_s` | callDuration [25] | duration [14] |
-//! | `cause_for_closing` | causeForTerm [30] | causeForRecClosing [15] |
-//! | `cell` | location [12]: LAC [0] · cell id [1] | userLocationInformation [32]: ECGI, else hex |
-//! | `charging_id` | callReference [32] (hex) | chargingID [5] |
-//! | `apn` | — | accessPointNameNI [7] |
-//! | `uplink_bytes`, `downlink_bytes` | — | sums over listOfTrafficVolumes [12] (items [3], [4]) and listOfServiceData [34] (items [12], [13]) |
+//! | field | moCallRecord [1] | sGW/pGWRecord [78]/[79] | chargingFunctionRecord [200] (SMF) |
+//! |---|---|---|---|
+//! | `record_type_id` | recordType [0] | recordType [0] | recordType [0] |
+//! | `imsi` | servedIMSI [1] (TBCD) | servedIMSI [3] (TBCD) | subscriberIdentifier [2], type 1: data [1] less "imsi-" |
+//! | `imei` | servedIMEI [2] (TBCD) | servedIMEISV [29] (TBCD) | pDUSessionChargingInformation [13] › userEquipmentInfo [2] › data [1] less "imei(sv)-" |
+//! | `msisdn` | servedMSISDN [3] (AddressString) | servedMSISDN [22] (AddressString) | subscriberIdentifier [2], type 0: data [1] less "msisdn-" |
+//! | `calling_number`, `called_number` | [4], [5] | — | — |
+//! | `start_time` | answerTime [23], else seizureTime [22] | recordOpeningTime [13] | recordOpeningTime [6] |
+//! | `duration_s` | callDuration [25] | duration [14] | duration [7] |
+//! | `cause_for_closing` | causeForTerm [30] | causeForRecClosing [15] | causeForRecClosing [9] |
+//! | `cell` | location [12]: LAC [0] · cell id [1] | userLocationInformation [32]: ECGI, else hex | [13] › userLocationInformation [3], hex |
+//! | `charging_id` | callReference [32] (hex) | chargingID [5] | chargingID [27], else [13] › pDUSessionChargingID [0] |
+//! | `apn` | — | accessPointNameNI [7] | [13] › dataNetworkNameIdentifier [13] |
+//! | `uplink_bytes`, `downlink_bytes` | — | sums over listOfTrafficVolumes [12] (items [3], [4]) and listOfServiceData [34] (items [12], [13]) | sums over listOfMultipleUnitUsage [5] › usedUnitContainers [1] (items [5], [6]) |
 //! ```
 
 use asn1_rs::{Any, Class, FromBer};
@@ -101,6 +102,7 @@ pub fn decode_record(ber: &[u8]) -> Result<Fields, String> {
         1 => Kind::MoCall,
         78 => Kind::Sgw,
         79 => Kind::Pgw,
+        200 => Kind::Smf,
         _ => {
             return Ok(Fields(vec![
                 ("record_type".into(), Value::Str("unmapped".into())),
@@ -120,6 +122,7 @@ enum Kind {
     MoCall,
     Sgw,
     Pgw,
+    Smf,
 }
 
 /// A TLV as this reader keeps it: constructed or not, and its content.
@@ -212,7 +215,72 @@ impl Cdr {
             (Kind::Sgw | Kind::Pgw, 34) if v.constructed => {
                 self.volumes(v.data, 12, 13).map_err(name("listOfServiceData"))?
             }
+            (Kind::Smf, 2) if v.constructed => self.subscription_id(v.data).map_err(name("subscriberIdentifier"))?,
+            (Kind::Smf, 5) if v.constructed => self.unit_usage(v.data).map_err(name("listOfMultipleUnitUsage"))?,
+            (Kind::Smf, 6) => self.opening = Some(timestamp(v.data).map_err(name("recordOpeningTime"))?),
+            (Kind::Smf, 7) => self.duration = Some(integer(v.data).map_err(name("duration"))?),
+            (Kind::Smf, 9) => self.cause = Some(integer(v.data).map_err(name("causeForRecClosing"))?),
+            (Kind::Smf, 13) if v.constructed => {
+                self.pdu_session(v.data).map_err(name("pDUSessionChargingInformation"))?
+            }
+            (Kind::Smf, 27) => self.charging_id = Some(Value::Int(integer(v.data).map_err(name("chargingID"))?)),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// SubscriptionID: `[0]` type (0 E.164, 1 IMSI, …), `[1]` data (UTF-8, e.g. `imsi-…`).
+    fn subscription_id(&mut self, data: &[u8]) -> Result<(), String> {
+        let (mut kind, mut id) = (None, None);
+        for (t, v) in children(data, 2)? {
+            match t {
+                0 => kind = Some(integer(v.data)?),
+                1 => id = Some(text(v.data)?),
+                _ => {}
+            }
+        }
+        match (kind, id) {
+            (Some(1), Some(id)) => self.imsi = Some(id.strip_prefix("imsi-").unwrap_or(&id).to_owned()),
+            (Some(0), Some(id)) => self.msisdn = Some(id.strip_prefix("msisdn-").unwrap_or(&id).to_owned()),
+            (None, _) | (_, None) => {
+                return Err("subscriptionIDType [0] and subscriptionIDData [1] are both needed".into());
+            }
+            _ => {} // SIP URI, NAI, private: not mapped
+        }
+        Ok(())
+    }
+
+    /// PDUSessionChargingInformation: charging id [0], equipment [2], location [3], DNN [13].
+    fn pdu_session(&mut self, data: &[u8]) -> Result<(), String> {
+        for (t, v) in children(data, 2)? {
+            match t {
+                0 if self.charging_id.is_none() => self.charging_id = Some(Value::Int(integer(v.data)?)),
+                2 if v.constructed => {
+                    for (t2, e) in children(v.data, 3)? {
+                        if t2 == 1 {
+                            let id = text(e.data)?;
+                            let id = id.strip_prefix("imeisv-").or_else(|| id.strip_prefix("imei-")).unwrap_or(&id);
+                            self.imei = Some(id.to_owned());
+                        }
+                    }
+                }
+                3 => self.cell = Some(hex(v.data)),
+                13 => self.apn = Some(text(v.data)?),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// listOfMultipleUnitUsage: SEQUENCE OF { …, usedUnitContainers [1] SEQUENCE OF { …,
+    /// dataVolumeUplink [5], dataVolumeDownlink [6] } }.
+    fn unit_usage(&mut self, list: &[u8]) -> Result<(), String> {
+        for usage in items(list)? {
+            for (t, containers) in children(usage, 2)? {
+                if t == 1 && containers.constructed {
+                    self.volumes(containers.data, 5, 6)?;
+                }
+            }
         }
         Ok(())
     }
@@ -249,6 +317,7 @@ impl Cdr {
             Kind::MoCall => ("moCall", self.answer.or(self.seizure)),
             Kind::Sgw => ("sgw", self.opening),
             Kind::Pgw => ("pgw", self.opening),
+            Kind::Smf => ("smf", self.opening),
         };
         let mut f = vec![("record_type".to_owned(), Value::Str(name.into()))];
         let mut put = |k: &str, v: Option<Value>| {
@@ -272,6 +341,28 @@ impl Cdr {
         put("downlink_bytes", self.downlink.map(Value::Int));
         Fields(f)
     }
+}
+
+/// The contents of each element of a SEQUENCE OF.
+fn items(list: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut rest = list;
+    while !rest.is_empty() {
+        if rest.len() >= 2 && rest[0] == 0 && rest[1] == 0 {
+            break;
+        }
+        let (r, item) = Any::from_ber(rest).map_err(|e| format!("BER: {e}"))?;
+        rest = r;
+        if item.header.is_constructed() {
+            out.push(item.data);
+        }
+    }
+    Ok(out)
+}
+
+/// UTF-8 text (UTF8String, IA5String).
+fn text(b: &[u8]) -> Result<String, String> {
+    String::from_utf8(b.to_vec()).map_err(|_| "not UTF-8 text".to_string())
 }
 
 /// A BER INTEGER (two's complement, big-endian) of at most 8 bytes (9 with a sign pad).

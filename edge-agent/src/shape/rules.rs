@@ -661,6 +661,8 @@ pub struct Downsampler {
     series_max: usize,
     open: HashMap<(String, String), Aggregate>,
     ready: Vec<Item>,
+    /// No open window starts before this (a lower bound), so a poll before its end skips the scan.
+    earliest_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -680,7 +682,15 @@ pub const TOPIC_FIELD: &str = "$topic";
 impl Downsampler {
     /// A downsampler; `device` is a field name or `$topic`.
     pub fn new(device: String, series: Series, window_ms: i64, series_max: usize) -> Downsampler {
-        Downsampler { device, series, window_ms: window_ms.max(1), series_max, open: HashMap::new(), ready: Vec::new() }
+        Downsampler {
+            device,
+            series,
+            window_ms: window_ms.max(1),
+            series_max,
+            open: HashMap::new(),
+            ready: Vec::new(),
+            earliest_ms: None,
+        }
     }
 
     fn fold(&mut self, item: &Item) -> Result<(), String> {
@@ -724,6 +734,7 @@ impl Downsampler {
                     self.open.insert(key, Aggregate::new(start, v, &item.topic));
                 }
             }
+            self.earliest_ms = Some(self.earliest_ms.map_or(start, |e| e.min(start)));
         }
         Ok(())
     }
@@ -731,6 +742,12 @@ impl Downsampler {
     /// Aggregates whose window ended at or before `now_ms` (all with `None`), in window order.
     pub fn poll(&mut self, now_ms: Option<i64>) -> Vec<Item> {
         let w = self.window_ms;
+        if let (Some(now), Some(earliest)) = (now_ms, self.earliest_ms)
+            && earliest + w > now
+            && self.ready.is_empty()
+        {
+            return Vec::new(); // nothing can be due yet: no scan per tick
+        }
         let due: Vec<(String, String)> = self
             .open
             .iter()
@@ -741,6 +758,7 @@ impl Downsampler {
             let a = self.open.remove(&k).expect("listed above");
             self.ready.push(a.into_item(&k, w));
         }
+        self.earliest_ms = self.open.values().map(|a| a.start_ms).min();
         let mut out = std::mem::take(&mut self.ready);
         out.sort_by(|a, b| {
             (a.ts_ms, a.fields.get("device").map(Value::to_text), a.fields.get("metric").map(Value::to_text)).cmp(&(

@@ -159,6 +159,14 @@ pub struct Writer {
     /// Metric ids of the streams, by stream index.
     mids: Vec<StreamId>,
     out: BytesMut,
+    /// Messages whose shaped outputs went to two streams (records and dead letters): the ack
+    /// waits for both batches. Numbered in order; `BatchRef { stream: streams.len(), batch_no:
+    /// id }` stands for one. Pruned from the front once both are committed.
+    joint: VecDeque<(u64, BatchRef, BatchRef)>,
+    /// Every joint id below this is committed (pruned).
+    joint_committed_below: u64,
+    /// The next joint id.
+    joint_next: u64,
 }
 
 impl std::fmt::Debug for Writer {
@@ -224,6 +232,9 @@ impl Writer {
             metrics,
             committed: Arc::new(tokio::sync::Notify::new()),
             out: BytesMut::new(),
+            joint: VecDeque::new(),
+            joint_committed_below: 0,
+            joint_next: 0,
         };
         for (si, s) in w.streams.iter().enumerate() {
             if let Some(shaper) = &s.shaper {
@@ -368,8 +379,8 @@ impl Writer {
     }
 
     /// Takes what the shaper made of one message routed to stream `si`: records into `si`,
-    /// dead letters into `_deadletter`. The ack waits for the stream's batch (or, if nothing
-    /// was forwarded, the dead letters' batch); `None` if nothing was kept at all.
+    /// dead letters into `_deadletter`. The ack waits for the batch(es) they went into (a joint
+    /// ref when both streams got some); `None` if nothing was kept at all.
     fn take_shaped(&mut self, si: usize, shaped: Shaped, base: &[Attr], received_us: u64) -> Option<BatchRef> {
         if shaped.filtered > 0 {
             self.metrics.add_dropped(self.mids[si], DropReason::Filtered, shaped.filtered);
@@ -400,7 +411,15 @@ impl Writer {
                 )
                 .or(main);
         }
-        main.or(at)
+        match (main, at) {
+            (Some(a), Some(b)) => {
+                let id = self.joint_next;
+                self.joint_next += 1;
+                self.joint.push_back((id, a, b));
+                Some(BatchRef { stream: self.streams.len(), batch_no: id })
+            }
+            (a, b) => a.or(b),
+        }
     }
 
     /// Takes the windowed output of every shaped stream due at `now_ms` (all of it at shutdown).
@@ -438,7 +457,22 @@ impl Writer {
             }
         }
         let committed: Vec<u64> = self.streams.iter().map(|s| s.committed_below).collect();
-        let is_committed = |b: BatchRef| b.batch_no < committed[b.stream];
+        let stream_committed = |b: BatchRef| b.batch_no < committed[b.stream];
+        while let Some(&(id, a, b)) = self.joint.front() {
+            if !(stream_committed(a) && stream_committed(b)) {
+                break;
+            }
+            self.joint_committed_below = id + 1;
+            self.joint.pop_front();
+        }
+        let (joint, joint_below, n) = (&self.joint, self.joint_committed_below, committed.len());
+        let is_committed = |b: BatchRef| {
+            if b.stream < n {
+                return stream_committed(b);
+            }
+            b.batch_no < joint_below
+                || joint.iter().any(|&(id, x, y)| id == b.batch_no && stream_committed(x) && stream_committed(y))
+        };
         let mut acks = Vec::new();
         for (conn, session) in self.sessions.iter_mut().enumerate() {
             for (pkid, received_us) in session.poll_acks(is_committed) {

@@ -57,6 +57,9 @@ pub struct ShapeConfig {
     /// a payload with more is dead-lettered.
     #[serde(default = "ShapeConfig::default_records_per_payload_max")]
     pub records_per_payload_max: usize,
+    /// Sparkplug: most metric aliases remembered from birth messages, over all edge nodes.
+    #[serde(default = "ShapeConfig::default_sparkplug_aliases_max")]
+    pub sparkplug_aliases_max: usize,
     /// The rules, applied in order.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -69,6 +72,9 @@ impl ShapeConfig {
     fn default_records_per_payload_max() -> usize {
         10_000
     }
+    fn default_sparkplug_aliases_max() -> usize {
+        100_000
+    }
 }
 
 impl Default for ShapeConfig {
@@ -79,6 +85,7 @@ impl Default for ShapeConfig {
             csv_delimiter: Self::default_csv_delimiter(),
             csv_header: false,
             records_per_payload_max: Self::default_records_per_payload_max(),
+            sparkplug_aliases_max: Self::default_sparkplug_aliases_max(),
             rules: Vec::new(),
         }
     }
@@ -277,7 +284,11 @@ pub fn compile(
             Err((key, why)) => p.push((k(key), why)),
         }
     }
-    if p.is_empty() { Ok(Some(Shaper::new(fmt, shape.records_per_payload_max, rules))) } else { Err(p) }
+    if p.is_empty() {
+        Ok(Some(Shaper::with_aliases(fmt, shape.records_per_payload_max, rules, shape.sparkplug_aliases_max)))
+    } else {
+        Err(p)
+    }
 }
 
 fn kind_name(k: RuleKind) -> &'static str {

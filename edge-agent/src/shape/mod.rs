@@ -79,19 +79,32 @@ pub struct Shaper {
     format: Format,
     records_max: usize,
     rules: Vec<Rule>,
+    /// Sparkplug streams: aliases learnt from birth messages.
+    aliases: Option<sparkplug::Aliases>,
 }
 
 impl Shaper {
     /// A shaper for `format` with `rules` (compiled by [`config::compile`]).
     pub fn new(format: Format, records_max: usize, rules: Vec<Rule>) -> Shaper {
-        Shaper { format, records_max, rules }
+        Shaper::with_aliases(format, records_max, rules, 0)
+    }
+
+    /// As [`Shaper::new`]; a Sparkplug stream remembers at most `aliases_max` metric aliases.
+    pub fn with_aliases(format: Format, records_max: usize, rules: Vec<Rule>, aliases_max: usize) -> Shaper {
+        let aliases = (format == Format::Sparkplug).then(|| sparkplug::Aliases::new(aliases_max));
+        Shaper { format, records_max, rules, aliases }
     }
 
     /// Decodes `payload`, runs the rules on each record and encodes the survivors.
     pub fn handle(&mut self, ts_ms: i64, topic: &str, payload: &[u8]) -> Shaped {
         let mut out = Shaped::default();
         let records = match decode::decode(&self.format, topic, payload, self.records_max) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                if let Some(a) = self.aliases.as_mut() {
+                    a.apply(&mut r);
+                }
+                r
+            }
             Err(reason) => {
                 out.dead.push(DeadLetter {
                     ts_ms,

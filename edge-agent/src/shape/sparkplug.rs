@@ -6,8 +6,11 @@
 //! `name`, `alias`, `timestamp` (the metric's, else the payload's; ms), `datatype` (its
 //! Sparkplug name), `value` (typed: signed types are read back from their two's-complement
 //! unsigned carriers), `is_historical`, `is_transient`, `is_null`. DataSet, Template and
-//! extension values are not decoded: their `value` is null. Metrics sent by alias only keep
-//! `alias` (the name lives in the birth message; this decoder keeps no state).
+//! extension values are not decoded: their `value` is null. Metrics sent by alias only get
+//! their `name` from [`Aliases`], which remembers each edge node's aliases from its NBIRTH and
+//! DBIRTH messages (the shaper keeps one per stream); before a birth is seen, `name` is null.
+
+use std::collections::HashMap;
 
 use prost::Message;
 
@@ -183,6 +186,67 @@ pub fn decode(topic: &str, payload: &[u8], records_max: usize) -> Result<Vec<Fie
     Ok(out)
 }
 
+/// Each edge node's metric aliases (unique across the node and its devices, Sparkplug B §6.4),
+/// learnt from birth messages; an NBIRTH starts the node's table afresh. At most `max` aliases
+/// are held over all nodes; past that, new ones are not learnt (their metrics keep a null name).
+#[derive(Debug)]
+pub struct Aliases {
+    nodes: HashMap<(String, String), HashMap<u64, String>>,
+    held: usize,
+    max: usize,
+}
+
+impl Aliases {
+    /// An empty table holding at most `max` aliases.
+    pub fn new(max: usize) -> Aliases {
+        Aliases { nodes: HashMap::new(), held: 0, max }
+    }
+
+    /// Learns the aliases of a birth message's records, or names the alias-only metrics of any
+    /// other message (records as [`decode`] made them, one message's worth).
+    pub fn apply(&mut self, records: &mut [Fields]) {
+        let text = |f: &Fields, k: &str| match f.get(k) {
+            Some(Value::Str(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let Some(first) = records.first() else { return };
+        let (Some(group), Some(node), Some(mtype)) =
+            (text(first, "group"), text(first, "edge_node"), text(first, "message_type"))
+        else {
+            return;
+        };
+        let key = (group, node);
+        if mtype == "NBIRTH"
+            && let Some(old) = self.nodes.remove(&key)
+        {
+            self.held -= old.len();
+        }
+        let birth = mtype.ends_with("BIRTH");
+        for r in records.iter_mut() {
+            let alias = match r.get("alias") {
+                Some(Value::Int(a)) => *a as u64,
+                _ => continue,
+            };
+            match (birth, r.get("name")) {
+                (true, Some(Value::Str(name))) => {
+                    let table = self.nodes.entry(key.clone()).or_default();
+                    if (table.contains_key(&alias) || self.held < self.max)
+                        && table.insert(alias, name.clone()).is_none()
+                    {
+                        self.held += 1;
+                    }
+                }
+                (false, Some(Value::Null)) => {
+                    if let Some(name) = self.nodes.get(&key).and_then(|t| t.get(&alias)) {
+                        r.set("name", Value::Str(name.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 fn value(datatype: u32, v: Option<MetricValue>) -> Value {
     match (datatype, v) {
         (_, None) => Value::Null,
@@ -232,6 +296,43 @@ mod tests {
         assert_eq!(r[1].get("value"), Some(&Value::Int(-1)), "Int8 0xff is -1");
         assert_eq!(r[1].get("name"), Some(&Value::Null));
         assert_eq!(r[1].get("timestamp"), Some(&Value::Int(1_700_000_000_000)));
+    }
+
+    #[test]
+    fn aliases_learnt_from_births_name_later_metrics() {
+        let birth = Payload {
+            metrics: vec![Metric {
+                name: Some("Temp".into()),
+                alias: Some(3),
+                datatype: Some(10),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let data = Payload {
+            metrics: vec![Metric {
+                alias: Some(3),
+                datatype: Some(10),
+                value: Some(MetricValue::DoubleValue(1.5)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut a = Aliases::new(10);
+        let mut before = decode("spBv1.0/g/NDATA/n1", &data.encode_to_vec(), 10).unwrap();
+        a.apply(&mut before);
+        assert_eq!(before[0].get("name"), Some(&Value::Null), "no birth seen yet");
+        let mut b = decode("spBv1.0/g/NBIRTH/n1", &birth.encode_to_vec(), 10).unwrap();
+        a.apply(&mut b);
+        let mut d = decode("spBv1.0/g/DDATA/n1/dev", &data.encode_to_vec(), 10).unwrap();
+        a.apply(&mut d);
+        assert_eq!(d[0].get("name"), Some(&Value::Str("Temp".into())));
+        let mut other = decode("spBv1.0/g/NDATA/n2", &data.encode_to_vec(), 10).unwrap();
+        a.apply(&mut other);
+        assert_eq!(other[0].get("name"), Some(&Value::Null), "aliases are per edge node");
+        let mut full = Aliases::new(0);
+        full.apply(&mut decode("spBv1.0/g/NBIRTH/n1", &birth.encode_to_vec(), 10).unwrap());
+        assert_eq!(full.held, 0, "the bound holds");
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub struct RuleConfig {
 }
 
 const KEYS_MAX_DEFAULT: usize = 100_000;
+/// Longest `window` of dedup and downsample: state held longer than a week is a store, not a
+/// window (and keeps times far from overflow).
+pub const WINDOW_MS_MAX: u64 = 7 * 86_400_000;
 
 impl ShapeConfig {
     /// Makes `key_file`s relative to the config file's directory `base`.
@@ -338,8 +341,8 @@ fn rule(r: &RuleConfig, _name: &str) -> Result<Action, Problem> {
         if r.fields.is_empty() { Err(("fields", "name at least one field".to_string())) } else { Ok(r.fields.clone()) }
     };
     let window = || match r.window {
-        Some(w) if w.0 > 0 => Ok(w.0 as i64),
-        _ => Err(("window", "a window above zero, e.g. \"60s\"".to_string())),
+        Some(w) if w.0 > 0 && w.0 <= WINDOW_MS_MAX => Ok(w.0 as i64),
+        _ => Err(("window", "a window above zero and at most 7 days, e.g. \"60s\"".to_string())),
     };
     Ok(match r.kind {
         RuleKind::Drop | RuleKind::Keep => {

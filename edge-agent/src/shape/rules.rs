@@ -717,7 +717,7 @@ impl Downsampler {
         if points.is_empty() {
             return Err("no numeric value to downsample".into());
         }
-        let start = item.ts_ms - item.ts_ms.rem_euclid(self.window_ms);
+        let start = item.ts_ms.saturating_sub(item.ts_ms.rem_euclid(self.window_ms));
         for (metric, v) in points {
             let key = (device.clone(), metric);
             match self.open.get_mut(&key) {
@@ -743,7 +743,7 @@ impl Downsampler {
     pub fn poll(&mut self, now_ms: Option<i64>) -> Vec<Item> {
         let w = self.window_ms;
         if let (Some(now), Some(earliest)) = (now_ms, self.earliest_ms)
-            && earliest + w > now
+            && earliest.saturating_add(w) > now
             && self.ready.is_empty()
         {
             return Vec::new(); // nothing can be due yet: no scan per tick
@@ -751,7 +751,7 @@ impl Downsampler {
         let due: Vec<(String, String)> = self
             .open
             .iter()
-            .filter(|(_, a)| now_ms.is_none_or(|now| a.start_ms + w <= now))
+            .filter(|(_, a)| now_ms.is_none_or(|now| a.start_ms.saturating_add(w) <= now))
             .map(|(k, _)| k.clone())
             .collect();
         for k in due {
@@ -991,6 +991,10 @@ mod tests {
         w.fold(&item(5, r#"{"t":20.5,"h":40}"#)).unwrap_err(); // two series, bound is one
         let mut w = Downsampler::new(TOPIC_FIELD.into(), Series::Wide(vec!["t".into(), "h".into()]), 60_000, 10);
         w.fold(&item(5, r#"{"t":20.5,"h":40}"#)).unwrap();
+        let mut end = Downsampler::new(TOPIC_FIELD.into(), Series::Wide(vec!["t".into()]), 60_000, 10);
+        end.fold(&item(i64::MAX, r#"{"t":1}"#)).unwrap();
+        end.fold(&item(i64::MIN, r#"{"t":1}"#)).unwrap();
+        assert_eq!(end.poll(Some(i64::MAX)).len(), 1, "times at the ends of the range do not overflow");
         let out = w.poll(None);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].fields.get("device"), Some(&Value::Str("cdr/site1".into())));

@@ -195,6 +195,26 @@ proptest! {
         }
     }
 
+    /// Whatever the bytes, a message ends up as records or as a dead letter: never silently gone.
+    #[test]
+    fn every_payload_is_forwarded_or_dead_lettered(bytes in proptest::collection::vec(any::<u8>(), 0..256), topic in arb_topic()) {
+        let formats = [
+            (PayloadFormatConfig::Raw, ""),
+            (PayloadFormatConfig::Json, ""),
+            (PayloadFormatConfig::Csv, "csv_columns = [\"a\", \"b\"]"),
+            (PayloadFormatConfig::SenmlJson, ""),
+            (PayloadFormatConfig::SenmlCbor, ""),
+            (PayloadFormatConfig::Sparkplug, ""),
+            (PayloadFormatConfig::CdrBer, ""),
+        ];
+        for (format, shape) in formats {
+            let mut sh = shaper(format, &format!("{shape}\n[[rules]]\nkind = \"enrich\""));
+            let out = sh.handle(1, &topic, &bytes);
+            prop_assert!(out.records.len() + out.dead.len() >= 1, "{:?}: {:?}", format, out);
+            prop_assert_eq!(out.filtered, 0);
+        }
+    }
+
     #[test]
     fn fuzz_target_bodies_hold_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         use edge_agent::shape::fuzzing;

@@ -99,6 +99,17 @@ impl Shaper {
     pub fn handle(&mut self, ts_ms: i64, topic: &str, payload: &[u8]) -> Shaped {
         let mut out = Shaped::default();
         let records = match decode::decode(&self.format, topic, payload, self.records_max) {
+            // A payload that holds no record (an empty CSV or SenML pack, a CDR file of no
+            // CDRs) would otherwise vanish uncounted: it is dead-lettered, never silently gone.
+            Ok(r) if r.is_empty() => {
+                out.dead.push(DeadLetter {
+                    ts_ms,
+                    topic: topic.to_owned(),
+                    payload: payload.to_vec(),
+                    reason: "decode: the payload holds no records".into(),
+                });
+                return out;
+            }
             Ok(mut r) => {
                 if let Some(a) = self.aliases.as_mut() {
                     a.apply(&mut r);

@@ -282,7 +282,7 @@ pub fn compile(
         {
             p.push((k("kind"), "raw payloads are kept byte for byte: no rule may change their fields".into()));
         }
-        match rule(r, &name) {
+        match rule(r) {
             Ok(action) => rules.push(Rule { name, action, counters: Arc::default() }),
             Err((key, why)) => p.push((k(key), why)),
         }
@@ -332,7 +332,7 @@ fn inapplicable(r: &RuleConfig) -> Vec<&'static str> {
 
 type Problem = (&'static str, String);
 
-fn rule(r: &RuleConfig, _name: &str) -> Result<Action, Problem> {
+fn rule(r: &RuleConfig) -> Result<Action, Problem> {
     let keys_max = r.keys_max.unwrap_or(KEYS_MAX_DEFAULT);
     if keys_max == 0 {
         return Err(("keys_max", "at least 1".into()));

@@ -137,6 +137,12 @@ fn no_raw_imsi_or_msisdn_reaches_the_core() {
     {
         assert!(all.contains(&pseudonym(raw)), "the pseudonym of {raw} is not at the core (no join possible)");
     }
+    // The rules' own counts are on the running agent's /metrics.
+    let changed =
+        agent.metric("backhaul_edge_shape_rule_records_total", r#"stream="cdr",rule="pii",outcome="changed""#);
+    assert_eq!(changed, 4.0, "2 voice, 1 PGW and 1 SMF record pseudonymised");
+    let dead = agent.metric("backhaul_edge_records_dropped_total", r#"stream="cdrcsv",reason="invalid_payload""#);
+    assert_eq!(dead, 1.0);
     // The undecodable payload stayed on the edge, with its reason.
     agent.sigterm_and_wait();
     let dead = read_stream(data.path(), "_deadletter");

@@ -36,6 +36,36 @@ pub enum Command {
     /// Inspect the logs of a data directory; read-only, safe while an agent writes to it.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Try a stream's payload decoding and rules on sample messages.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+/// `edge-agent rules …`
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Run a stream's decoding and rules on messages from stdin and print, as NDJSON, the
+    /// records that would be appended (and dead letters, with their reason).
+    #[command(after_help = "Exit status: 0 done, 2 usage, config or I/O error. Nothing is written; \
+                            windows still open at the end of the input are flushed, as at shutdown.")]
+    Test(RulesTestArgs),
+}
+
+/// Arguments of `rules test`.
+#[derive(Debug, Args)]
+pub struct RulesTestArgs {
+    /// The TOML config.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The stream whose rules run.
+    #[arg(long, value_name = "STREAM", value_parser = stream_name)]
+    pub stream: String,
+    /// How stdin is cut into messages.
+    #[arg(long, value_enum, default_value = "lines")]
+    pub input: crate::shape::trial::InputMode,
+    /// The topic of messages that do not carry their own (lines, whole).
+    #[arg(long, value_name = "TOPIC", default_value = "test")]
+    pub topic: String,
 }
 
 /// `edge-agent log …`

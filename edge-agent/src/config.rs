@@ -272,6 +272,16 @@ pub enum PayloadFormatConfig {
     Raw,
     /// One JSON document per message.
     Json,
+    /// CSV CDR lines; columns in `[streams.NAME.shape]` (shaped, re-encoded as JSON).
+    Csv,
+    /// SenML (RFC 8428) JSON packs (shaped, one JSON record per entry).
+    SenmlJson,
+    /// SenML (RFC 8428) CBOR packs (shaped, one JSON record per entry).
+    SenmlCbor,
+    /// Sparkplug B protobuf on `spBv1.0/…` topics (shaped, one JSON record per metric).
+    Sparkplug,
+    /// 3GPP CDR files: TS 32.297 framing, TS 32.298 BER records (shaped, one JSON record per CDR).
+    CdrBer,
 }
 
 /// When a stream's appends are fsynced.
@@ -300,7 +310,7 @@ pub enum FullPolicy {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
-    /// `raw` or `json`.
+    /// `raw`, `json`, `csv`, `senml_json`, `senml_cbor`, `sparkplug` or `cdr_ber`.
     #[serde(default = "StreamConfig::default_format")]
     pub format: PayloadFormatConfig,
     /// Longest a record waits for its batch to fill.
@@ -350,6 +360,9 @@ pub struct StreamConfig {
     /// raw personal data).
     #[serde(default = "StreamConfig::default_forwarded")]
     pub forwarded: bool,
+    /// Decoding and rules (`[streams.NAME.shape]`, see `shape::config`).
+    #[serde(default)]
+    pub shape: crate::shape::config::ShapeConfig,
 }
 
 impl StreamConfig {
@@ -425,6 +438,7 @@ impl Default for StreamConfig {
             priority: 0,
             release_on: Self::default_release_on(),
             forwarded: Self::default_forwarded(),
+            shape: Default::default(),
         }
     }
 }
@@ -454,6 +468,9 @@ impl Config {
         }
         if let Some(l) = config.listen.as_mut() {
             l.resolve_files(base);
+        }
+        for s in config.streams.values_mut() {
+            s.shape.resolve_paths(base);
         }
         config.streams.entry(DEADLETTER_STREAM.into()).or_insert_with(StreamConfig::deadletter_default);
         let problems = config.problems();
@@ -603,6 +620,8 @@ impl Config {
             if s.fsync == FsyncConfig::Interval && s.fsync_interval.0 == 0 {
                 p.push((k("fsync_interval"), "above zero".into()));
             }
+            let backpressure = s.full_policy == FullPolicy::Backpressure;
+            p.extend(crate::shape::config::problems(name, s.format, &s.shape, backpressure));
             if s.segment_bytes_max.0 < 4096 {
                 p.push((k("segment_bytes_max"), "at least 4KiB".into()));
             }

@@ -9,6 +9,8 @@
 //! - [`listen`]: listen mode, the agent as the devices' MQTT endpoint: [`listen::session`]
 //!   (pure per-connection state machine), [`listen::driver`] (TCP/TLS listeners), config, auth.
 //! - [`forward`]: forwarding to core-ingest over QUIC: session driver, cursors, node choice.
+//! - [`shape`]: payload formats and per-stream rules (pure): decode, filter, pseudonymise,
+//!   downsample, re-encode; what fails goes to `_deadletter`.
 //! - [`writer`]: batches, logs, fsyncs, disk budget, and which PUBACKs may leave.
 //! - [`run`]: wires the above into the running agent.
 //! - [`metrics`]: every metric, declared once; Prometheus text exposition.
@@ -24,6 +26,7 @@ pub mod logcmd;
 pub mod metrics;
 pub mod route;
 pub mod run;
+pub mod shape;
 pub mod status;
 pub mod writer;
 

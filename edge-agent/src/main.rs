@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use edge_agent::cli::{Cli, Command};
+use edge_agent::cli::{Cli, Command, RulesCommand};
 use edge_agent::config::Config;
 use edge_agent::logcmd::Outcome;
 use tracing_subscriber::EnvFilter;
@@ -77,6 +77,32 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::Clean)
         }
         Command::Log(command) => Ok(edge_agent::run_log_command(command, &mut out, &mut io::stderr())?),
+        Command::Rules(RulesCommand::Test(args)) => {
+            let config = Config::load(&args.config)?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let mut stdin = io::stdin().lock();
+            let t = edge_agent::shape::trial::run(
+                &config,
+                &args.stream,
+                args.input,
+                &args.topic,
+                now_ms,
+                &mut stdin,
+                &mut out,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            writeln!(
+                io::stderr(),
+                "{} messages: {} records forwarded, {} filtered, {} dead-lettered",
+                t.messages,
+                t.forwarded,
+                t.filtered,
+                t.dead
+            )?;
+            Ok(Outcome::Clean)
+        }
     }
 }
 

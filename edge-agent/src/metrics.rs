@@ -13,7 +13,10 @@
 //!
 //! Per stream, `received = appended + dropped{too_large, invalid_payload, duplicate}` once
 //! nothing is in flight; `dropped{disk_full_drop_oldest}` counts records evicted after they
-//! were appended.
+//! were appended. On shaped streams (`crate::shape`) one message may decode into several
+//! records (CSV lines, a CDR file) and `dropped{filtered}` counts records the rules dropped or
+//! folded into a window, so there `received` counts messages and `appended` records; each
+//! rule's own counts are `backhaul_edge_shape_rule_records_total{stream,rule,outcome}`.
 //!
 //! Exposition: Prometheus text format 0.0.4 ([`Snapshot::render`]), and back
 //! ([`Snapshot::parse`], used by `edge-agent status`):
@@ -74,16 +77,20 @@ pub enum DropReason {
     Duplicate,
     /// Older than the stream's `retention_age` before it was forwarded; replaced by a gap.
     RetentionExpired,
+    /// Dropped by a shaping rule (drop, keep, sample, dedup) or folded into a downsampled
+    /// aggregate; per rule in `backhaul_edge_shape_rule_records_total`.
+    Filtered,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::TooLarge,
         DropReason::InvalidPayload,
         DropReason::DiskFullDropOldest,
         DropReason::Duplicate,
         DropReason::RetentionExpired,
+        DropReason::Filtered,
     ];
 
     /// The `reason` label value.
@@ -94,6 +101,7 @@ impl DropReason {
             DropReason::DiskFullDropOldest => "disk_full_drop_oldest",
             DropReason::Duplicate => "duplicate",
             DropReason::RetentionExpired => "retention_expired",
+            DropReason::Filtered => "filtered",
         }
     }
 
@@ -119,6 +127,8 @@ pub struct Metrics {
     records_unrouted: AtomicU64,
     broker_dropped_messages: AtomicU64,
     receive_to_ack: Histogram,
+    /// Per shaping rule: (stream, rule, counters), registered once at start.
+    shape_rules: std::sync::Mutex<Vec<(String, String, std::sync::Arc<crate::shape::rules::RuleCounters>)>>,
 }
 
 impl Metrics {
@@ -136,7 +146,31 @@ impl Metrics {
             records_unrouted: AtomicU64::new(0),
             broker_dropped_messages: AtomicU64::new(0),
             receive_to_ack: Histogram::default(),
+            shape_rules: std::sync::Mutex::default(),
         }
+    }
+
+    /// Registers the counters of stream `stream`'s shaping rules (the writer does, at start);
+    /// they are rendered as `backhaul_edge_shape_rule_records_total{stream,rule,outcome}`.
+    pub fn register_shape_rules(
+        &self,
+        stream: &str,
+        rules: Vec<(String, std::sync::Arc<crate::shape::rules::RuleCounters>)>,
+    ) {
+        let mut all = self.shape_rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|(s, _, _)| s != stream);
+        all.extend(rules.into_iter().map(|(rule, c)| (stream.to_owned(), rule, c)));
+    }
+
+    /// (stream, rule, kept, dropped, changed) of every shaping rule.
+    pub fn shape_rule_counts(&self) -> Vec<(String, String, u64, u64, u64)> {
+        let all = self.shape_rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.iter()
+            .map(|(s, r, c)| {
+                let (k, d, ch) = c.load();
+                (s.clone(), r.clone(), k, d, ch)
+            })
+            .collect()
     }
 
     /// The id of stream `name`, if it was known at start.
@@ -249,7 +283,18 @@ impl Metrics {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
-        self.snapshot().render()
+        let mut out = self.snapshot().render();
+        let rules = self.shape_rule_counts();
+        if !rules.is_empty() {
+            header(&mut out, &SHAPE_RULE_RECORDS);
+            for (stream, rule, kept, dropped, changed) in rules {
+                for (outcome, n) in [("kept", kept), ("dropped", dropped), ("changed", changed)] {
+                    let labels = [("stream", stream.as_str()), ("rule", rule.as_str()), ("outcome", outcome)];
+                    sample(&mut out, SHAPE_RULE_RECORDS.name, &labels, n.into());
+                }
+            }
+        }
+        out
     }
 }
 
@@ -585,6 +630,12 @@ const RECORDS_DROPPED: Family = family(
     "counter",
     "Records of the stream not kept, by reason (invalid_payload: sent to the dead-letter stream; \
      disk_full_drop_oldest: evicted after append).",
+);
+const SHAPE_RULE_RECORDS: Family = family(
+    "backhaul_edge_shape_rule_records_total",
+    "counter",
+    "Records each shaping rule let through unchanged (kept), dropped (or folded into a downsampled \
+     aggregate) or changed.",
 );
 const RECORDS_UNROUTED: Family =
     family("backhaul_edge_records_unrouted_total", "counter", "Records whose topic matched no stream; dropped.");

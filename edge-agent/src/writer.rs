@@ -26,6 +26,7 @@ use crate::config::{Config, DEADLETTER_STREAM, FsyncConfig, FullPolicy, PayloadF
 use crate::ingest::session::{AckSession, Admit, BatchRef, Outcome};
 use crate::metrics::{DropReason, Metrics, StreamId};
 use crate::route::Router;
+use crate::shape::{Shaped, Shaper};
 
 /// A segment this small holds only a gap batch (a gap frame is ~150 bytes), or so little that
 /// replacing it frees nothing: `drop_oldest` passes over it.
@@ -38,6 +39,9 @@ const HOUSEKEEPING_INTERVAL_US: u64 = 1_000_000;
 pub const ATTR_REASON: &str = "deadletter.reason";
 /// Attribute naming the stream a dead-lettered record was meant for.
 pub const ATTR_STREAM: &str = "deadletter.stream";
+/// Attribute of a shaped record: the hash of the MQTT message it came from, so a redelivery
+/// after a restart is recognised though the stored payload differs from the received one.
+pub const ATTR_SOURCE_HASH: &str = "mqtt.hash";
 
 /// A stream's log, shared by the writer (appends, syncs, budget) and the forwarder (reads,
 /// release). Held only for one call at a time; an fsync holds it for the fsync's duration.
@@ -137,6 +141,15 @@ pub struct ConnInfo {
     pub refuse_when_full: bool,
 }
 
+/// One record for [`Writer::push_record`].
+struct NewRecord<'a> {
+    ts_ms: i64,
+    topic: &'a str,
+    payload: &'a [u8],
+    attrs: &'a [Attr],
+    received_us: u64,
+}
+
 struct StreamState {
     name: String,
     cfg: StreamConfig,
@@ -154,6 +167,8 @@ struct StreamState {
     last_sync_us: u64,
     next_housekeeping_us: u64,
     full: bool,
+    /// Decoding and rules, if the stream is shaped.
+    shaper: Option<Shaper>,
 }
 
 /// See the module doc.
@@ -183,6 +198,14 @@ pub struct Writer {
     /// Metric ids of the streams, by stream index.
     mids: Vec<StreamId>,
     out: BytesMut,
+    /// Messages whose shaped outputs went to two streams (records and dead letters): the ack
+    /// waits for both batches. Numbered in order; `BatchRef { stream: streams.len(), batch_no:
+    /// id }` stands for one. Pruned from the front once both are committed.
+    joint: VecDeque<(u64, BatchRef, BatchRef)>,
+    /// Every joint id below this is committed (pruned).
+    joint_committed_below: u64,
+    /// The next joint id.
+    joint_next: u64,
 }
 
 impl std::fmt::Debug for Writer {
@@ -254,7 +277,15 @@ impl Writer {
             metrics,
             committed: Arc::new(tokio::sync::Notify::new()),
             out: BytesMut::new(),
+            joint: VecDeque::new(),
+            joint_committed_below: 0,
+            joint_next: 0,
         };
+        for (si, s) in w.streams.iter().enumerate() {
+            if let Some(shaper) = &s.shaper {
+                w.metrics.register_shape_rules(&names[si], shaper.counters());
+            }
+        }
         w.remember_log_tails();
         for s in 0..w.streams.len() {
             w.update_gauges(s);
@@ -380,7 +411,31 @@ impl Writer {
             self.qos0_dropped_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        let rejected = if m.payload.len() as u64 > s.cfg.record_bytes_max.0 {
+        let too_large = m.payload.len() as u64 > self.streams[si].cfg.record_bytes_max.0;
+        let mut attrs = Vec::with_capacity(4);
+        attrs.push(Attr { key: attr::MQTT_CLIENT.into(), value: self.conns[m.conn].client_id.clone() });
+        if m.qos > 0 {
+            attrs.push(Attr { key: attr::MQTT_PACKET_ID.into(), value: m.pkid.to_string() });
+        }
+        if !too_large && let Some(shaper) = self.streams[si].shaper.as_mut() {
+            let shaped = shaper.handle(m.ts_ms, &m.topic, &m.payload);
+            // Nothing but dead letters: the payload could not be decoded for the stream.
+            let outcome = if shaped.records.is_empty() && !shaped.dead.is_empty() {
+                Outcome::PayloadInvalid
+            } else {
+                Outcome::Stored
+            };
+            // The stored payload is not the received one: keep the received content's hash so
+            // a redelivery after a restart is still recognised.
+            attrs.push(Attr { key: ATTR_SOURCE_HASH.into(), value: format!("{hash:016x}") });
+            let at = self.take_shaped(si, shaped, &attrs, m.received_us);
+            if m.qos > 0 {
+                self.sessions[m.conn].handle_taken_as(m.pkid, Some(hash), at, m.received_us, outcome);
+            }
+            return;
+        }
+        let s = &self.streams[si];
+        let rejected = if too_large {
             Some((
                 DropReason::TooLarge,
                 format!("payload of {} bytes above record_bytes_max {}", m.payload.len(), s.cfg.record_bytes_max),
@@ -392,11 +447,6 @@ impl Writer {
         } else {
             None
         };
-        let mut attrs = Vec::with_capacity(4);
-        attrs.push(Attr { key: attr::MQTT_CLIENT.into(), value: self.conns[m.conn].client_id.clone() });
-        if m.qos > 0 {
-            attrs.push(Attr { key: attr::MQTT_PACKET_ID.into(), value: m.pkid.to_string() });
-        }
         let outcome = match &rejected {
             None => Outcome::Stored,
             Some((DropReason::InvalidPayload, _)) => Outcome::PayloadInvalid,
@@ -412,34 +462,101 @@ impl Writer {
                 (self.deadletter, keep)
             }
         };
+        let at = self.push_record(
+            si,
+            target,
+            NewRecord { ts_ms: m.ts_ms, topic: &m.topic, payload, attrs: &attrs, received_us: m.received_us },
+        );
+        if m.qos > 0 {
+            // `None`: the batch codec refused it (counted as too large) and nothing was kept.
+            let outcome = if at.is_none() { Outcome::TooLarge } else { outcome };
+            self.sessions[m.conn].handle_taken_as(m.pkid, at.map(|_| hash), at, m.received_us, outcome);
+        }
+    }
+
+    /// Appends one record to stream `target`'s open batch (`si`: the stream it was routed to,
+    /// for counting). `None` if the batch codec refused it (counted as too large).
+    fn push_record(&mut self, si: usize, target: usize, r: NewRecord<'_>) -> Option<BatchRef> {
+        let NewRecord { ts_ms, topic, payload, attrs, received_us } = r;
         let t = &mut self.streams[target];
         // A batch stays within batch_bytes_max however many messages one burst brings: close
         // the open batch before a record that would take it past, and once it reaches it.
         if !t.builder.is_empty() && (t.builder.raw_len() + payload.len()) as u64 > t.cfg.batch_bytes_max.0 {
             t.close_builder();
         }
-        if let Err(e) = t.builder.push(m.ts_ms, &m.topic, payload, &attrs) {
+        if let Err(e) = t.builder.push(ts_ms, topic, payload, attrs) {
             // Only a bound of the codec (topic or attribute size) can refuse it.
-            tracing::warn!(error = %e, topic = %m.topic, "record refused by the batch codec");
+            tracing::warn!(error = %e, topic = %topic, "record refused by the batch codec");
             self.metrics.add_dropped(self.mids[si], DropReason::TooLarge, 1);
-            if m.qos > 0 {
-                self.sessions[m.conn].handle_taken_as(m.pkid, None, None, m.received_us, Outcome::TooLarge);
-            }
-            return;
+            return None;
         }
-        t.builder_since_us.get_or_insert(m.received_us);
+        t.builder_since_us.get_or_insert(received_us);
         let at = BatchRef { stream: target, batch_no: t.builder_no };
         if t.builder.raw_len() as u64 >= t.cfg.batch_bytes_max.0 {
             t.close_builder();
         }
-        if m.qos > 0 {
-            self.sessions[m.conn].handle_taken_as(m.pkid, Some(hash), Some(at), m.received_us, outcome);
+        Some(at)
+    }
+
+    /// Takes what the shaper made of one message routed to stream `si`: records into `si`,
+    /// dead letters into `_deadletter`. The ack waits for the batch(es) they went into (a joint
+    /// ref when both streams got some); `None` if nothing was kept at all.
+    fn take_shaped(&mut self, si: usize, shaped: Shaped, base: &[Attr], received_us: u64) -> Option<BatchRef> {
+        if shaped.filtered > 0 {
+            self.metrics.add_dropped(self.mids[si], DropReason::Filtered, shaped.filtered);
+        }
+        let mut at = None;
+        for d in shaped.dead {
+            self.metrics.add_dropped(self.mids[si], DropReason::InvalidPayload, 1);
+            let mut attrs = base.to_vec();
+            attrs.push(Attr { key: ATTR_REASON.into(), value: d.reason });
+            attrs.push(Attr { key: ATTR_STREAM.into(), value: self.streams[si].name.clone() });
+            at = self
+                .push_record(
+                    si,
+                    self.deadletter,
+                    NewRecord { ts_ms: d.ts_ms, topic: &d.topic, payload: &d.payload, attrs: &attrs, received_us },
+                )
+                .or(at);
+        }
+        let mut main = None;
+        for r in shaped.records {
+            let mut attrs = base.to_vec();
+            attrs.extend(r.attrs.into_iter().map(|(key, value)| Attr { key, value }));
+            main = self
+                .push_record(
+                    si,
+                    si,
+                    NewRecord { ts_ms: r.ts_ms, topic: &r.topic, payload: &r.payload, attrs: &attrs, received_us },
+                )
+                .or(main);
+        }
+        match (main, at) {
+            (Some(a), Some(b)) => {
+                let id = self.joint_next;
+                self.joint_next += 1;
+                self.joint.push_back((id, a, b));
+                Some(BatchRef { stream: self.streams.len(), batch_no: id })
+            }
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes the windowed output of every shaped stream due at `now_ms` (all of it at shutdown).
+    fn poll_shapers(&mut self, now_us: u64, now_ms: i64, shutdown: bool) {
+        for si in 0..self.streams.len() {
+            let Some(shaper) = self.streams[si].shaper.as_mut().filter(|s| s.holds_records()) else { continue };
+            let shaped = shaper.poll((!shutdown).then_some(now_ms));
+            if !shaped.records.is_empty() || !shaped.dead.is_empty() || shaped.filtered > 0 {
+                self.take_shaped(si, shaped, &[], now_us);
+            }
         }
     }
 
     /// Flushes due batches (all of them at `shutdown`), appends, syncs, and returns the acks
     /// that may leave now, in order per connection.
     pub fn drive(&mut self, now_us: u64, now_ms: i64, shutdown: bool) -> Vec<Ack> {
+        self.poll_shapers(now_us, now_ms, shutdown);
         let urgent = shutdown || self.sessions.iter().zip(&self.conns).any(|(s, c)| s.pending() >= c.inflight_max);
         for si in 0..self.streams.len() {
             let s = &mut self.streams[si];
@@ -460,7 +577,22 @@ impl Writer {
             }
         }
         let committed: Vec<u64> = self.streams.iter().map(|s| s.committed_below).collect();
-        let is_committed = |b: BatchRef| b.batch_no < committed[b.stream];
+        let stream_committed = |b: BatchRef| b.batch_no < committed[b.stream];
+        while let Some(&(id, a, b)) = self.joint.front() {
+            if !(stream_committed(a) && stream_committed(b)) {
+                break;
+            }
+            self.joint_committed_below = id + 1;
+            self.joint.pop_front();
+        }
+        let (joint, joint_below, n) = (&self.joint, self.joint_committed_below, committed.len());
+        let is_committed = |b: BatchRef| {
+            if b.stream < n {
+                return stream_committed(b);
+            }
+            b.batch_no < joint_below
+                || joint.iter().any(|&(id, x, y)| id == b.batch_no && stream_committed(x) && stream_committed(y))
+        };
         let mut acks = Vec::new();
         for (conn, session) in self.sessions.iter_mut().enumerate() {
             for (pkid, received_us, outcome) in session.poll_acks(is_committed) {
@@ -684,7 +816,10 @@ impl Writer {
                             continue;
                         };
                         let Ok(pid) = pid.parse() else { continue };
-                        let hash = content_hash(&r.topic, &r.payload);
+                        let hash = r
+                            .attr(ATTR_SOURCE_HASH)
+                            .and_then(|h| u64::from_str_radix(h, 16).ok())
+                            .unwrap_or_else(|| content_hash(&r.topic, &r.payload));
                         match self.conns.iter().position(|c| c.client_id == client) {
                             Some(conn) => self.sessions[conn].remember_durable(pid, hash),
                             None if self.listen_window > 0
@@ -745,9 +880,14 @@ fn open_stream(
     let compression = if cfg.zstd_level == 0 { Compression::None } else { Compression::Zstd { level: cfg.zstd_level } };
     let encoder = BatchEncoder::new(compression)
         .map_err(|e| WriterError::Config { stream: name.into(), reason: e.to_string() })?;
+    let shaper = crate::shape::config::compile(name, cfg.format, &cfg.shape).map_err(|p| WriterError::Config {
+        stream: name.into(),
+        reason: p.iter().map(|(k, why)| format!("{k}: {why}")).collect::<Vec<_>>().join("; "),
+    })?;
+    // Shaped streams store their records re-encoded as JSON; raw stays raw.
     let format = match cfg.format {
         PayloadFormatConfig::Raw => PayloadFormat::Raw,
-        PayloadFormatConfig::Json => PayloadFormat::Json,
+        _ => PayloadFormat::Json,
     };
     let meta =
         BatchMeta { producer: edge_id.into(), epoch, stream: name.into(), base_seq: Seq(0), payload_format: format };
@@ -768,6 +908,7 @@ fn open_stream(
         last_sync_us: 0,
         next_housekeeping_us: 0,
         full: false,
+        shaper,
     })
 }
 

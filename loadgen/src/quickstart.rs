@@ -100,14 +100,14 @@ impl Layout {
             .and_then(|t| t.first())
             .and_then(|t| t.as_str())
             .with_context(|| format!("{}: no [listen] tcp listener", agent.display()))?;
-        let objects = c
-            .get("tier")
-            .and_then(|t| t.get("object_store"))
-            .and_then(|o| o.as_str())
-            .and_then(|o| o.strip_prefix("file://"))
-            .map(|p| if p.starts_with('/') { PathBuf::from(p) } else { rel(core, p) });
+        let core_data = rel(core, get(&c, &["data_dir"], core)?);
+        // The embedded default object store is DATA_DIR/bucket; a file:// URL names another.
+        let objects = match c.get("tier").and_then(|t| t.get("object_store")).and_then(|o| o.as_str()) {
+            None => Some(core_data.join("bucket")),
+            Some(url) => url.strip_prefix("file://").map(PathBuf::from),
+        };
         Ok(Layout {
-            core_data: rel(core, get(&c, &["data_dir"], core)?),
+            core_data,
             core_admin: addr(get(&c, &["admin_listen"], core)?, "admin_listen")?,
             certs: ca.parent().context("the CA file has a directory")?.to_path_buf(),
             agent_data: rel(agent, get(&a, &["data_dir"], agent)?),
@@ -281,16 +281,28 @@ pub async fn run_quickstart(args: QuickstartArgs) -> anyhow::Result<Vec<String>>
         core.exited().map_or(Ok(()), |s| Err(anyhow::anyhow!("core-ingest exited with {s}")))?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Closed segments go to the bucket once `tier_after` has passed: give the tierer a moment
+    // to take the last ones, so the figures below include them.
+    let tier_deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < tier_deadline {
+        let (_, body) = http_get(l.core_admin, "/metrics").await?;
+        let backlog = Exposition::parse(&body)?.value("backhaul_core_tier_backlog_segments", "");
+        if backlog.is_none_or(|b| b == 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let _ = stop_sampling.send(());
     let series = sampler.await.context("the sampler")?;
     let agent_stop = agent.terminate(Duration::from_secs(15))?;
     let core_stop = core.terminate(Duration::from_secs(15))?;
 
-    // Read everything back from the core's data and check it record by record.
+    // Read everything back — local segments and tiered objects alike — and check it record
+    // by record.
     let data = l.core_data.to_str().context("a UTF-8 path")?;
     let verdict = |stream: &str, finished: &devices::Finished| -> anyhow::Result<Verdict> {
         let mut v = Verifier::new(&finished.manifest)?;
-        let ndjson = run(&core_exe, &["log", "dump", "--data-dir", data, "--stream", stream])?;
+        let ndjson = run(&core_exe, &["read", "--config", core_cfg, "--stream", stream])?;
         v.read(ndjson.as_bytes())?;
         Ok(v.finish())
     };
@@ -318,7 +330,8 @@ pub async fn run_quickstart(args: QuickstartArgs) -> anyhow::Result<Vec<String>>
         core_stop.code().unwrap_or(-1)
     );
     println!("\nLook at the data:");
-    println!("  core-ingest log dump --data-dir {data} --stream cdr --limit 5");
+    println!("  core-ingest read --config {core_cfg} --stream cdr --limit 5");
+    println!("  core-ingest status --config {core_cfg}");
     println!("  core-ingest log verify --data-dir {data}");
     println!("  edge-agent log dump --data-dir {} --stream sensors --limit 5", l.agent_data.display());
     println!("  (the binaries are in target/release/; the logs beside the data in {})", logs.display());

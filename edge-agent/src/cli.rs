@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "edge-agent",
     version,
-    about = "Backhaul edge agent: takes telemetry from MQTT into a crash-safe local log, acknowledging \
-             each message only once it is durable. Forwarding to core-ingest over QUIC is not built yet.",
+    about = "Backhaul edge agent: takes telemetry from MQTT (as a broker's subscriber, or as the devices' \
+             own endpoint) into a crash-safe local log, acknowledging each message only once it is durable, \
+             shapes it by per-stream rules, and forwards it to core-ingest over QUIC.",
     arg_required_else_help = true
 )]
 pub struct Cli {

@@ -2,7 +2,7 @@
 //! agent) on ephemeral ports in a temp dir, drives it, prints its figures and stops everything
 //! by PID.
 //!
-//! - [`bench`]: `loadgen bench SCENARIO`, the named scenarios with their reports.
+//! - [`bench`](mod@bench): `loadgen bench SCENARIO`, the named scenarios with their reports.
 //! - [`mqtt_ingest`]: `loadgen mqtt-ingest`, edge-agent subscribe mode against Mosquitto's own
 //!   publish → subscriber rate.
 //! - [`listen_ingest`]: `loadgen listen-ingest`, devices publishing straight to edge-agent's

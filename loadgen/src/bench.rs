@@ -62,6 +62,7 @@ fn three_systems(args: &BenchArgs, seconds: u64, rate: u64, outage: Outage, loss
         outage,
         loss,
         delay: Duration::from_millis(delay_ms),
+        congestion: Default::default(),
         systems: vec![System::Backhaul, System::MosquittoBridge, System::NatsLeaf],
         drain_timeout: Duration::from_secs(600),
         report_dir: Some(args.report_dir.clone()),

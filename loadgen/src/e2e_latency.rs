@@ -34,7 +34,7 @@ use clap::Args;
 use crate::agent::{AgentSettings, STREAM};
 use crate::core_ingest::{code, sibling_bin};
 use crate::core_node::{CoreMetrics, CoreNode, CoreSettings, Pki, verified_counts};
-use crate::forwarding_agent::{self, ForwardingAgent, Scrape};
+use crate::forwarding_agent::{self, Congestion, ForwardingAgent, Scrape};
 use crate::mosquitto::{self, Mosquitto};
 use crate::mqtt::{Publisher, STALL_TIMEOUT};
 use crate::paced::{PacedOutcome, PacedPublisher};
@@ -101,6 +101,9 @@ pub struct E2eLatencyArgs {
     /// The proxy's one-way delay (RTT = 2 ×), e.g. 25ms.
     #[arg(long, default_value = "0ms", value_parser = crate::wan::parse_duration)]
     pub wan_delay: Duration,
+    /// The forwarder's congestion control.
+    #[arg(long, value_enum, default_value_t = Congestion::Cubic)]
+    pub congestion: Congestion,
     /// An outage of the proxy, LENGTH@START from when the agent starts (e.g. 5s@2s); repeatable.
     #[arg(long = "wan-outage", value_parser = crate::wan::model::Outage::parse)]
     pub wan_outages: Vec<crate::wan::model::Outage>,
@@ -163,8 +166,17 @@ pub async fn run(args: E2eLatencyArgs) -> anyhow::Result<Vec<String>> {
         None
     };
     let core_addr = wan.as_ref().map_or(core.listen, Proxy::local_addr);
-    let mut agent =
-        ForwardingAgent::start(&agent_exe, &dir, &settings, broker.port, core_addr, &pki.ca_file(), &cert).await?;
+    let mut agent = ForwardingAgent::start(
+        &agent_exe,
+        &dir,
+        &settings,
+        broker.port,
+        core_addr,
+        &pki.ca_file(),
+        &cert,
+        args.congestion,
+    )
+    .await?;
     tracing::info!(core = core.pid(), broker = broker.pid(), agent = agent.pid(), "core, broker and agent ready");
     let mut probe = Publisher::connect(broker.port, "loadgen-probe", 1, packet_bytes_max).await?;
     agent.wait_subscribed(&mut probe).await?;

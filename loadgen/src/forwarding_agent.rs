@@ -35,7 +35,18 @@ fn settings_for_id() -> AgentSettings {
     AgentSettings { inflight: 1, linger_ms: 1, fsync_interval_ms: 1, batch_bytes_max: "1KiB", zstd_level: 1 }
 }
 
+/// The forwarder's congestion control (`[forward] congestion`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// Cubic, the default.
+    #[default]
+    Cubic,
+    /// quinn's experimental BBR.
+    Bbr,
+}
+
 /// The agent's config with a `[forward]` section to `core`, presenting `cert`.
+#[allow(clippy::too_many_arguments)]
 pub fn config_toml(
     s: &AgentSettings,
     data_dir: &Path,
@@ -44,6 +55,7 @@ pub fn config_toml(
     core: SocketAddr,
     ca_file: &Path,
     cert: &EdgeCert,
+    congestion: Congestion,
 ) -> String {
     let base =
         agent::config_toml(s, data_dir, admin, broker_port).replacen("loadgen mqtt-ingest", "loadgen e2e-latency", 1);
@@ -55,7 +67,9 @@ server_name = "{SERVER_NAME}"
 ca_file = "{ca}"
 cert_file = "{cert}"
 key_file = "{key}"
+congestion = "{cc}"
 "#,
+        cc = if congestion == Congestion::Bbr { "bbr" } else { "cubic" },
         ca = ca_file.display(),
         cert = cert.cert_file.display(),
         key = cert.key_file.display(),
@@ -119,6 +133,7 @@ pub struct ForwardingAgent {
 impl ForwardingAgent {
     /// Writes the config into `dir`, starts `exe run`, waits for `/readyz` and for its
     /// connection to the core.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         exe: &Path,
         dir: &Path,
@@ -127,10 +142,11 @@ impl ForwardingAgent {
         core: SocketAddr,
         ca_file: &Path,
         cert: &EdgeCert,
+        congestion: Congestion,
     ) -> anyhow::Result<ForwardingAgent> {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let data_dir = dir.join("agent-data");
-        let config = config_toml(settings, &data_dir, admin, broker_port, core, ca_file, cert);
+        let config = config_toml(settings, &data_dir, admin, broker_port, core, ca_file, cert, congestion);
         let config_path = dir.join("edge-agent.toml");
         std::fs::write(&config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
         let mut command = Command::new(exe);
@@ -238,8 +254,15 @@ mod tests {
             core,
             &pki.ca_file(),
             &cert,
+            Congestion::Bbr,
         );
-        for want in ["[forward]", "cores = [\"127.0.0.1:4433\"]", "server_name = \"localhost\"", "loadgen-bench.pem"] {
+        for want in [
+            "[forward]",
+            "cores = [\"127.0.0.1:4433\"]",
+            "server_name = \"localhost\"",
+            "loadgen-bench.pem",
+            "congestion = \"bbr\"",
+        ] {
             assert!(text.contains(want), "{want} in\n{text}");
         }
         assert!(text.starts_with("# Written by loadgen e2e-latency."), "{text}");

@@ -33,7 +33,7 @@ use crate::bench_report::{BenchReport, Sample, write_report};
 use crate::core_ingest::sibling_bin;
 use crate::core_node::{CoreNode, CoreSettings, Pki};
 use crate::devices::{self, MqttArgs};
-use crate::forwarding_agent::{self, ForwardingAgent};
+use crate::forwarding_agent::{self, Congestion, ForwardingAgent};
 use crate::mosquitto::{self, Mosquitto};
 use crate::trace::Kind;
 use crate::verify::{Verdict, Verifier};
@@ -75,6 +75,9 @@ pub struct OutageArgs {
     /// retransmits; their link gets the delay only).
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
+    /// Backhaul's congestion control.
+    #[arg(long, value_enum, default_value_t = Congestion::Cubic)]
+    pub congestion: Congestion,
     /// One-way delay of every link (RTT = 2 ×).
     #[arg(long, default_value = "0ms", value_parser = crate::wan::parse_duration)]
     pub delay: Duration,
@@ -361,9 +364,17 @@ async fn run_backhaul(args: &OutageArgs, dir: &Path, mosquitto_exe: &Path) -> an
             .await?;
     let settings =
         AgentSettings { inflight: 1000, linger_ms: 5, fsync_interval_ms: 5, batch_bytes_max: "256KiB", zstd_level: 1 };
-    let mut agent =
-        ForwardingAgent::start(&agent_exe, dir, &settings, broker.port, proxy.local_addr(), &pki.ca_file(), &cert)
-            .await?;
+    let mut agent = ForwardingAgent::start(
+        &agent_exe,
+        dir,
+        &settings,
+        broker.port,
+        proxy.local_addr(),
+        &pki.ca_file(),
+        &cert,
+        args.congestion,
+    )
+    .await?;
     let mut probe = crate::mqtt::Publisher::connect(broker.port, "loadgen-probe", 1, 1 << 16).await?;
     agent.wait_subscribed(&mut probe).await?;
     probe.disconnect().await;

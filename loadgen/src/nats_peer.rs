@@ -97,7 +97,10 @@ impl Hub {
         let (port, leaf_port) = (free_port()?, free_port()?);
         let conf = format!(
             "# loadgen outage: the NATS hub at the core\nserver_name: hub\nlisten: 127.0.0.1:{port}\n\
-             jetstream {{ store_dir: \"{}\", domain: hub }}\nleafnodes {{ listen: 127.0.0.1:{leaf_port} }}\n",
+             jetstream {{ store_dir: \"{}\", domain: hub }}\n\
+             # no_advertise: the leaf must reach the hub only through the WAN proxy, not through\n\
+             # the leafnode URLs a hub gossips in its INFO.\n\
+             leafnodes {{ listen: 127.0.0.1:{leaf_port}, no_advertise: true }}\n",
             dir.join("hub-js").display()
         );
         let server = NatsServer::start(exe, dir, "nats-hub", &conf, port)?;

@@ -92,15 +92,16 @@ pub struct Leaf {
 }
 
 impl Hub {
-    /// Starts the hub in `dir`.
-    pub async fn start(exe: &Path, dir: &Path) -> anyhow::Result<Hub> {
-        let (port, leaf_port) = (free_port()?, free_port()?);
+    /// Starts the hub in `dir`, its leafnode listener on `leaf_port`, telling leaf nodes to
+    /// reach it at `advertise` (the WAN proxy).
+    pub async fn start(exe: &Path, dir: &Path, leaf_port: u16, advertise: SocketAddr) -> anyhow::Result<Hub> {
+        let port = free_port()?;
         let conf = format!(
             "# loadgen outage: the NATS hub at the core\nserver_name: hub\nlisten: 127.0.0.1:{port}\n\
              jetstream {{ store_dir: \"{}\", domain: hub }}\n\
-             # no_advertise: the leaf must reach the hub only through the WAN proxy, not through\n\
-             # the leafnode URLs a hub gossips in its INFO.\n\
-             leafnodes {{ listen: 127.0.0.1:{leaf_port}, no_advertise: true }}\n",
+             # The leaf must reach the hub only through the WAN proxy: the hub gossips its leafnode\n\
+             # URL in INFO, and a reconnecting leaf uses it, so it advertises the proxy's.\n\
+             leafnodes {{ listen: 127.0.0.1:{leaf_port}, advertise: \"{advertise}\" }}\n",
             dir.join("hub-js").display()
         );
         let server = NatsServer::start(exe, dir, "nats-hub", &conf, port)?;

@@ -538,13 +538,15 @@ async fn run_bridge(
 async fn run_nats(args: &OutageArgs, dir: &Path) -> anyhow::Result<SystemOutcome> {
     use crate::nats_peer::{Hub, Leaf, find_exe};
     let exe = find_exe()?;
-    let hub = Hub::start(&exe, dir).await?;
+    // The proxy first: the hub advertises it as its leafnode address.
+    let leaf_port = crate::mosquitto::free_port()?;
     let proxy = TcpProxy::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
-        SocketAddr::from(([127, 0, 0, 1], hub.leaf_port)),
+        SocketAddr::from(([127, 0, 0, 1], leaf_port)),
         TcpImpairment { delay: args.delay, ..TcpImpairment::default() },
     )
     .await?;
+    let hub = Hub::start(&exe, dir, leaf_port, proxy.local_addr()).await?;
     let leaf = Leaf::start(&exe, dir, proxy.local_addr()).await?;
     hub.create_sourcing_stream().await?;
     // The link is up once a probe published at the leaf is in the hub's stream.

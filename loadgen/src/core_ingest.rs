@@ -71,13 +71,7 @@ pub struct CoreIngestArgs {
 
 /// Runs the scenario and prints its figures; returns the checks that failed.
 pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
-    let core_exe = match &args.core_bin {
-        Some(p) => p.clone(),
-        None => sibling_bin("core-ingest")?,
-    };
-    if !core_exe.is_file() {
-        bail!("no core-ingest at {} (cargo build --release -p core-ingest, or pass --core-bin)", core_exe.display());
-    }
+    let core_exe = binary(&args.core_bin, "core-ingest", "core-bin")?;
     let clock = CpuClock::new()?;
     let mut tmp = tempfile::Builder::new().prefix("loadgen-core-ingest-").tempdir().context("creating a temp dir")?;
     tmp.disable_cleanup(args.keep);
@@ -223,6 +217,19 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
 pub fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("locating the loadgen executable")?;
     Ok(me.parent().unwrap_or(Path::new(".")).join(name))
+}
+
+/// The binary `name`: `given` (from the option `--{flag}`), else the one beside loadgen; an
+/// error naming both ways to get it when there is no file there.
+pub fn binary(given: &Option<PathBuf>, name: &str, flag: &str) -> anyhow::Result<PathBuf> {
+    let p = match given {
+        Some(p) => p.clone(),
+        None => sibling_bin(name)?,
+    };
+    if !p.is_file() {
+        bail!("no {name} at {} (cargo build --release -p {name}, or pass --{flag})", p.display());
+    }
+    Ok(p)
 }
 
 async fn encode_pools(args: &CoreIngestArgs, ids: &[String]) -> anyhow::Result<Vec<Vec<PooledBatch>>> {

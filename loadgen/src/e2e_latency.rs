@@ -32,7 +32,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::agent::{AgentSettings, STREAM};
-use crate::core_ingest::{code, sibling_bin};
+use crate::core_ingest::{binary, code};
 use crate::core_node::{CoreMetrics, CoreNode, CoreSettings, Pki, verified_counts};
 use crate::forwarding_agent::{self, Congestion, ForwardingAgent, Scrape};
 use crate::mosquitto::{self, Mosquitto};
@@ -114,18 +114,8 @@ pub struct E2eLatencyArgs {
 
 /// Runs the scenario and prints its figures; returns the checks that failed.
 pub async fn run(args: E2eLatencyArgs) -> anyhow::Result<Vec<String>> {
-    let exe = |given: &Option<PathBuf>, name: &str, build: &str| -> anyhow::Result<PathBuf> {
-        let p = match given {
-            Some(p) => p.clone(),
-            None => sibling_bin(name)?,
-        };
-        if !p.is_file() {
-            bail!("no {name} at {} (cargo build --release -p {build}, or pass --{build}-bin)", p.display());
-        }
-        Ok(p)
-    };
-    let agent_exe = exe(&args.agent_bin, "edge-agent", "edge-agent")?;
-    let core_exe = exe(&args.core_bin, "core-ingest", "core-ingest")?;
+    let agent_exe = binary(&args.agent_bin, "edge-agent", "agent-bin")?;
+    let core_exe = binary(&args.core_bin, "core-ingest", "core-bin")?;
     let mosquitto_exe = match &args.mosquitto {
         Some(p) => p.clone(),
         None => mosquitto::find_exe()?,

@@ -127,15 +127,21 @@ pub fn bench_conf(shipped: &str, port: u16, inflight: u16) -> anyhow::Result<Str
 
 /// The `mosquitto` executable: on `PATH`, else in the sbin directories Debian and Homebrew use.
 pub fn find_exe() -> anyhow::Result<PathBuf> {
+    find_server("mosquitto", "apt-get install mosquitto, or pass --mosquitto")
+}
+
+/// A server executable `name`: on `PATH`, else in the sbin directories Debian and Homebrew
+/// use (where servers live, often off a user's `PATH`); `install` says how to get it.
+pub fn find_server(name: &str, install: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
     let dirs = path.into_iter().chain(["/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin"].map(PathBuf::from));
     for dir in dirs {
-        let exe = dir.join("mosquitto");
+        let exe = dir.join(name);
         if exe.is_file() {
             return Ok(exe);
         }
     }
-    bail!("mosquitto is not installed (not on PATH nor in /usr/sbin): apt-get install mosquitto, or pass --mosquitto")
+    bail!("{name} is not installed (not on PATH nor in /usr/sbin): {install}")
 }
 
 /// A port that was free a moment ago (bind to 0, read it, drop it).

@@ -25,14 +25,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The `nats-server` executable: on `PATH`, else in /usr/sbin (Debian).
 pub fn find_exe() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-    for dir in path.into_iter().chain(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from)) {
-        let exe = dir.join("nats-server");
-        if exe.is_file() {
-            return Ok(exe);
-        }
-    }
-    bail!("nats-server is not installed (apt-get install nats-server)")
+    crate::mosquitto::find_server("nats-server", "apt-get install nats-server")
 }
 
 /// A running NATS server.

@@ -23,14 +23,14 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Args;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::agent::AgentSettings;
 use crate::bench_report::{BenchReport, Sample, write_report};
-use crate::core_ingest::sibling_bin;
+use crate::core_ingest::binary;
 use crate::core_node::{CoreNode, CoreSettings, Pki};
 use crate::devices::{self, MqttArgs};
 use crate::forwarding_agent::{self, Congestion, ForwardingAgent};
@@ -342,17 +342,8 @@ fn report(
 }
 
 async fn run_backhaul(args: &OutageArgs, dir: &Path, mosquitto_exe: &Path) -> anyhow::Result<SystemOutcome> {
-    let exe = |given: &Option<PathBuf>, name: &str| -> anyhow::Result<PathBuf> {
-        let p = match given {
-            Some(p) => p.clone(),
-            None => sibling_bin(name)?,
-        };
-        if !p.is_file() {
-            bail!("no {name} at {} (cargo build --release -p {name}, or pass --{name}-bin)", p.display());
-        }
-        Ok(p)
-    };
-    let (agent_exe, core_exe) = (exe(&args.agent_bin, "edge-agent")?, exe(&args.core_bin, "core-ingest")?);
+    let agent_exe = binary(&args.agent_bin, "edge-agent", "agent-bin")?;
+    let core_exe = binary(&args.core_bin, "core-ingest", "core-bin")?;
     let pki = Pki::create(&dir.join("pki"))?;
     let cert = pki.issue_edge(&forwarding_agent::edge_id())?;
     let mut core = CoreNode::start(&core_exe, dir, &pki, &CoreSettings { partitions: 4 }).await?;

@@ -19,7 +19,7 @@ use clap::Args;
 
 use crate::agent::http_get;
 use crate::bench_report::{BenchReport, Sample, write_report};
-use crate::core_ingest::sibling_bin;
+use crate::core_ingest::binary;
 use crate::devices::{self, MqttArgs};
 use crate::process::Proc;
 use crate::prom::Exposition;
@@ -163,15 +163,8 @@ fn count_files(dir: &Path) -> u64 {
 
 /// `loadgen quickstart`.
 pub async fn run_quickstart(args: QuickstartArgs) -> anyhow::Result<Vec<String>> {
-    let exe = |given: &Option<PathBuf>, name: &str| -> anyhow::Result<PathBuf> {
-        let p = match given {
-            Some(p) => p.clone(),
-            None => sibling_bin(name)?,
-        };
-        anyhow::ensure!(p.is_file(), "no {name} at {} (cargo build --release -p {name})", p.display());
-        Ok(p)
-    };
-    let (agent_exe, core_exe) = (exe(&args.agent_bin, "edge-agent")?, exe(&args.core_bin, "core-ingest")?);
+    let agent_exe = binary(&args.agent_bin, "edge-agent", "agent-bin")?;
+    let core_exe = binary(&args.core_bin, "core-ingest", "core-bin")?;
     let l = Layout::read(&args.core_config, &args.agent_config)?;
     for d in [&l.core_data, &l.agent_data, &l.certs] {
         if d.exists() {

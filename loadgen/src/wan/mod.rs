@@ -444,23 +444,10 @@ pub async fn run(args: WanArgs) -> anyhow::Result<Vec<String>> {
     let imp = args.impairment()?;
     let proxy = Proxy::start(args.listen, args.upstream, imp, args.seed, args.limits()).await?;
     println!("wan: listening on {} → upstream {}", proxy.local_addr(), args.upstream);
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    let mut last = proxy.counts();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-        }
-        let c = proxy.counts();
-        let t = started.elapsed().as_secs();
-        let in_outage = args.outages.iter().any(|o| {
-            let now = started.elapsed();
-            now >= o.start && now < o.start + o.length
-        });
-        if c.up.offered != last.up.offered || c.down.offered != last.down.offered || in_outage {
-            eprintln!(
+    watch(args.seconds, || proxy.counts(), |t, c, last| {
+        let in_outage = args.outages.iter().any(|o| o.covers(Duration::from_secs(t)));
+        (c.up.offered != last.up.offered || c.down.offered != last.down.offered || in_outage).then(|| {
+            format!(
                 "wan {t:>5}s  up {:>7} dgram/s ({:>6.2} MB/s) lost {} outage {}  down {:>7} dgram/s lost {} outage {}{}",
                 c.up.offered - last.up.offered,
                 (c.up.offered_bytes - last.up.offered_bytes) as f64 / 1e6,
@@ -470,13 +457,10 @@ pub async fn run(args: WanArgs) -> anyhow::Result<Vec<String>> {
                 c.down.lost - last.down.lost,
                 c.down.outage - last.down.outage,
                 if in_outage { "  [outage]" } else { "" },
-            );
-        }
-        last = c;
-        if args.seconds > 0 && t >= args.seconds {
-            break;
-        }
-    }
+            )
+        })
+    })
+    .await;
     println!("{}", result_line(&proxy.counts()));
     Ok(Vec::new())
 }
@@ -496,35 +480,50 @@ async fn run_tcp(args: WanArgs) -> anyhow::Result<Vec<String>> {
     let imp = tcp::TcpImpairment { delay: args.delay, rate: args.rate, outages: args.outages.clone() };
     let proxy = tcp::TcpProxy::start(args.listen, args.upstream, imp).await?;
     println!("wan: listening on {} → upstream {} (tcp)", proxy.local_addr(), args.upstream);
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    let mut last = proxy.counts();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-        }
-        let c = proxy.counts();
-        let t = started.elapsed().as_secs();
-        if c.up_bytes != last.up_bytes || c.down_bytes != last.down_bytes {
-            eprintln!(
-                "wan {t:>5}s  up {:>8.3} MB/s  down {:>8.3} MB/s  connections {}  chunks held {}",
-                (c.up_bytes - last.up_bytes) as f64 / 1e6,
-                (c.down_bytes - last.down_bytes) as f64 / 1e6,
-                c.connections,
-                c.held
-            );
-        }
-        last = c;
-        if args.seconds > 0 && t >= args.seconds {
-            break;
-        }
-    }
+    watch(
+        args.seconds,
+        || proxy.counts(),
+        |t, c, last| {
+            (c.up_bytes != last.up_bytes || c.down_bytes != last.down_bytes).then(|| {
+                format!(
+                    "wan {t:>5}s  up {:>8.3} MB/s  down {:>8.3} MB/s  connections {}  chunks held {}",
+                    (c.up_bytes - last.up_bytes) as f64 / 1e6,
+                    (c.down_bytes - last.down_bytes) as f64 / 1e6,
+                    c.connections,
+                    c.held
+                )
+            })
+        },
+    )
+    .await;
     let c = proxy.counts();
     println!(
         "RESULT connections={} up_bytes={} down_bytes={} held={}",
         c.connections, c.up_bytes, c.down_bytes, c.held
     );
     Ok(Vec::new())
+}
+
+/// Once a second until `seconds` have passed (0: until Ctrl-C), prints what `line` makes of the
+/// counts now and a second ago (nothing when it returns `None`).
+async fn watch<C>(seconds: u64, counts: impl Fn() -> C, line: impl Fn(u64, &C, &C) -> Option<String>) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = counts();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return,
+        }
+        let c = counts();
+        let t = started.elapsed().as_secs();
+        if let Some(l) = line(t, &c, &last) {
+            eprintln!("{l}");
+        }
+        last = c;
+        if seconds > 0 && t >= seconds {
+            return;
+        }
+    }
 }

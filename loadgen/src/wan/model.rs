@@ -35,7 +35,8 @@ impl Outage {
         Ok(Outage { start: d(at)?, length: d(len)? })
     }
 
-    fn covers(&self, t: Duration) -> bool {
+    /// Whether `t` (from the start) falls inside it.
+    pub fn covers(&self, t: Duration) -> bool {
         t >= self.start && t < self.start + self.length
     }
 }

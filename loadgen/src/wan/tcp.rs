@@ -43,7 +43,7 @@ pub struct TcpImpairment {
 impl TcpImpairment {
     /// The end of the outage covering `t`, if any.
     fn outage_end(&self, t: Duration) -> Option<Duration> {
-        self.outages.iter().filter(|o| t >= o.start && t < o.start + o.length).map(|o| o.start + o.length).max()
+        self.outages.iter().filter(|o| o.covers(t)).map(|o| o.start + o.length).max()
     }
 }
 

@@ -70,6 +70,68 @@ pub struct PartitionSegments {
     pub partition: u32,
     /// Closed segments (the active one is not listed), oldest first.
     pub closed: Vec<shared::log::SegmentSummary>,
+    /// For each closed segment, its facts when the writer saw every batch of it go in (it was
+    /// opened and closed while this process ran, since the last snapshot): the tierer then
+    /// need not read the file back. Handed out once.
+    pub known: Vec<Option<SegmentFacts>>,
+}
+
+/// What the writer learned of a segment while appending to it: the same records and producer
+/// ranges a scan of the file would find (`tier::manifest::segment_facts`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegmentFacts {
+    /// Offsets covered by its batches.
+    pub records: u64,
+    /// Seq ranges per (edge, epoch), sorted.
+    pub ranges: Vec<crate::catalog::ProducerRange>,
+}
+
+/// The facts of a partition's active segment, gathered append by append.
+#[derive(Debug, Default)]
+struct ActiveFacts {
+    base: Offset,
+    /// False when the segment held batches before this process opened it: then the facts
+    /// are partial and the tierer reads the file.
+    complete: bool,
+    records: u64,
+    /// Seqs by edge, then epoch (looked up by `&str`: no allocation per batch).
+    producers: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, RangeSet>>,
+}
+
+impl ActiveFacts {
+    fn of(log: &Log) -> ActiveFacts {
+        let base = log.active_base();
+        ActiveFacts { base, complete: log.next_offset() == base, records: 0, producers: Default::default() }
+    }
+
+    fn add(&mut self, batch: &Batch) {
+        let h = batch.header();
+        self.records += u64::from(h.record_count);
+        let epochs = match self.producers.get_mut(h.producer.as_str()) {
+            Some(epochs) => epochs,
+            None => self.producers.entry(h.producer.clone()).or_default(),
+        };
+        epochs.entry(h.epoch.0).or_default().insert(h.base_seq.0..h.end_seq().0);
+    }
+
+    fn finish(self) -> SegmentFacts {
+        let ranges = self
+            .producers
+            .into_iter()
+            .flat_map(|(edge, epochs)| {
+                epochs
+                    .into_iter()
+                    .flat_map(|(epoch, set)| {
+                        set.ranges()
+                            .iter()
+                            .map(|r| crate::catalog::ProducerRange { edge: edge.clone(), epoch, seqs: r.clone() })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        SegmentFacts { records: self.records, ranges }
+    }
 }
 
 /// How an append ended.
@@ -194,6 +256,8 @@ fn stopped() -> Refusal {
 
 struct StreamLogs {
     logs: Vec<Log>,
+    /// Per partition, the facts of its active segment.
+    facts: Vec<ActiveFacts>,
 }
 
 /// The writer's state.
@@ -208,6 +272,8 @@ pub struct Store {
     /// in-flight windows: an edge sends no more than its window without acks.
     parked: Vec<AppendRequest>,
     edges: HashMap<String, crate::catalog::EdgeDelta>,
+    /// Facts of segments closed since the last tier snapshot, by (stream, partition, base).
+    closed_facts: HashMap<(String, usize, u64), SegmentFacts>,
 }
 
 impl std::fmt::Debug for Store {
@@ -229,6 +295,7 @@ impl Store {
             metrics,
             parked: Vec::new(),
             edges: HashMap::new(),
+            closed_facts: HashMap::new(),
         };
         for (key, range) in store.config.tiered_ranges.clone() {
             store.appended.insert(key.clone(), range.clone());
@@ -345,9 +412,12 @@ impl Store {
             for (p, log) in s.logs.iter().enumerate() {
                 let mut closed = log.segments();
                 closed.pop();
-                partitions.push(PartitionSegments { stream: name.clone(), partition: p as u32, closed });
+                let known = closed.iter().map(|seg| self.closed_facts.remove(&(name.clone(), p, seg.base.0))).collect();
+                partitions.push(PartitionSegments { stream: name.clone(), partition: p as u32, closed, known });
             }
         }
+        // Facts of segments already gone (retention) are of no use.
+        self.closed_facts.clear();
         partitions.sort_by(|a, b| (&a.stream, a.partition).cmp(&(&b.stream, b.partition)));
         let mut edges: Vec<_> = self.edges.drain().map(|(_, d)| d).collect();
         edges.sort_by(|a, b| a.edge.cmp(&b.edge));
@@ -391,7 +461,19 @@ impl Store {
         let logs = self.stream_logs(&key.stream).map_err(internal)?;
         let log = &mut logs.logs[partition];
         match log.append(batch, now_ms()) {
-            Ok(_) => {
+            Ok(appended) => {
+                let facts = &mut logs.facts[partition];
+                let base = log.active_base();
+                let mut closed = None;
+                if facts.base != base {
+                    // The log rolled: this batch opened the new segment.
+                    let fresh = ActiveFacts { base, complete: appended.offset == base, ..ActiveFacts::default() };
+                    closed = Some(std::mem::replace(facts, fresh)).filter(|done| done.complete);
+                }
+                facts.add(batch);
+                if let Some(done) = closed {
+                    self.closed_facts.insert((key.stream.clone(), partition, done.base.0), done.finish());
+                }
                 if batch.header().is_gap() {
                     self.metrics.gaps.inc();
                 }
@@ -447,6 +529,7 @@ impl Store {
         match Log::open(self.storage.clone(), &dir, self.log_config(), now_ms()) {
             Ok(log) => {
                 if let Some(s) = self.streams.get_mut(stream) {
+                    s.facts[p] = ActiveFacts::of(&log);
                     s.logs[p] = log;
                 }
             }
@@ -546,7 +629,8 @@ impl Store {
             .map_err(|e| e.to_string())?;
             logs.push(log);
         }
-        self.streams.insert(stream.into(), StreamLogs { logs });
+        let facts = logs.iter().map(ActiveFacts::of).collect();
+        self.streams.insert(stream.into(), StreamLogs { logs, facts });
         Ok(())
     }
 }
@@ -632,12 +716,16 @@ mod tests {
     use shared::ids::{Epoch, Seq};
 
     fn batch(k: u64) -> Batch {
+        batch_of("e1", 1, k)
+    }
+
+    fn batch_of(edge: &str, epoch: u64, k: u64) -> Batch {
         let records: Vec<Record> = (0..10)
             .map(|i| Record { ts_ms: 1_000 + i, topic: "t".into(), payload: vec![b'x'; 2000].into(), attrs: vec![] })
             .collect();
         let meta = BatchMeta {
-            producer: "e1".into(),
-            epoch: Epoch(1),
+            producer: edge.into(),
+            epoch: Epoch(epoch),
             stream: "cdr".into(),
             base_seq: Seq(k * 10),
             payload_format: PayloadFormat::Raw,
@@ -720,6 +808,75 @@ mod tests {
             assert!(held[0].contains_range(&(0..30)) && held[0].ranges().len() == 1, "{held:?}");
             handle.shutdown().await;
         });
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_writer_hands_the_tierer_what_a_scan_of_each_closed_segment_would_find() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = || StoreConfig {
+            data_dir: dir.path().into(),
+            partitions: 1,
+            segment_bytes_max: 64 << 10,
+            disk_budget_bytes: u64::MAX,
+            tiered_ranges: vec![],
+        };
+        let producers = [("e1", 1), ("e2", 7), ("e1", 2)];
+        let send = |handle: &StoreHandle, rt: &tokio::runtime::Runtime, ks: std::ops::Range<u64>| {
+            rt.block_on(async {
+                for k in ks {
+                    // Every third k of a producer is skipped, so its ranges have holes.
+                    for (edge, epoch) in producers {
+                        if (k + epoch) % 3 == 0 {
+                            continue;
+                        }
+                        let key = ProducerKey { edge: edge.into(), epoch, stream: "cdr".into() };
+                        let stored = handle.append(key, k * 10..k * 10 + 10, batch_of(edge, epoch, k)).await.unwrap();
+                        assert_eq!(stored, Stored::Durable);
+                    }
+                }
+            })
+        };
+        let scan = |seg: &shared::log::SegmentSummary| {
+            let facts = crate::tier::manifest::segment_facts(
+                &std::fs::read(&seg.path).unwrap(),
+                seg.base.0,
+                &BatchLimits::default(),
+            );
+            assert!(facts.damage.is_empty() && facts.tail_reason.is_none());
+            SegmentFacts { records: facts.records, ranges: facts.ranges }
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+        let (handle, thread) = Store::open(config(), Arc::new(Metrics::default())).unwrap().spawn(8).unwrap();
+        send(&handle, &rt, 0..8);
+        let snap = rt.block_on(handle.tier_snapshot()).unwrap();
+        let part = &snap.partitions[0];
+        assert!(part.closed.len() >= 3, "{} closed segments", part.closed.len());
+        assert_eq!(part.known.len(), part.closed.len());
+        for (seg, known) in part.closed.iter().zip(&part.known) {
+            let known = known.as_ref().unwrap_or_else(|| panic!("no facts for {}", seg.path.display()));
+            assert_eq!(known, &scan(seg), "{}", seg.path.display());
+            assert!(known.ranges.iter().any(|r| r.edge == "e2" && r.epoch == 7), "{known:?}");
+        }
+        let again = rt.block_on(handle.tier_snapshot()).unwrap();
+        assert!(again.partitions[0].known.iter().all(Option::is_none), "facts are handed out once");
+        rt.block_on(handle.shutdown());
+        thread.join().unwrap();
+
+        // After a restart the active segment holds batches the new writer never saw: its facts
+        // are partial, so none are handed out for it; the segments after it are known again.
+        let (handle, thread) = Store::open(config(), Arc::new(Metrics::default())).unwrap().spawn(8).unwrap();
+        let before = rt.block_on(handle.tier_snapshot()).unwrap().partitions[0].closed.len();
+        send(&handle, &rt, 8..16);
+        let snap = rt.block_on(handle.tier_snapshot()).unwrap();
+        let part = &snap.partitions[0];
+        assert!(part.closed.len() >= before + 2, "{} then {}", before, part.closed.len());
+        assert!(part.known[before].is_none(), "the segment begun before the restart is read, not guessed");
+        for (seg, known) in part.closed.iter().zip(&part.known).skip(before + 1) {
+            assert_eq!(known.as_ref(), Some(&scan(seg)), "{}", seg.path.display());
+        }
+        rt.block_on(handle.shutdown());
         thread.join().unwrap();
     }
 }

@@ -57,7 +57,17 @@ fn batch_decode_once(data: &[u8]) {
 
 /// Wire frames: any bytes give a frame, `None` or an error; a frame re-encodes to the same bytes.
 pub fn frame_decode(data: &[u8]) {
-    if let Ok(Some((frame, len))) = crate::wire::Frame::decode(data) {
+    // The sharing decoder agrees with the copying one on every input.
+    let mut buf = bytes::BytesMut::from(data);
+    let shared = crate::wire::Frame::decode_from(&mut buf);
+    let copied = crate::wire::Frame::decode(data);
+    match (&shared, &copied) {
+        (Ok(Some(a)), Ok(Some((b, len)))) => assert!(a == b && buf.len() == data.len() - len),
+        (Ok(None), Ok(None)) => assert_eq!(buf.len(), data.len()),
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        _ => panic!("decode_from {shared:?} but decode {copied:?}"),
+    }
+    if let Ok(Some((frame, len))) = copied {
         assert!(len <= data.len());
         let mut out = bytes::BytesMut::new();
         frame.encode(&mut out);

@@ -39,6 +39,9 @@ pub fn transport(
     Arc::new(t)
 }
 
+/// Bytes `read_frame` adds to its buffer when it runs out of room.
+const READ_BUF_STEP: usize = 64 << 10;
+
 /// Reads one frame; `Ok(None)` at a clean end of stream. `buf` carries bytes between calls.
 pub async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<Frame>, Refusal> {
     loop {
@@ -51,7 +54,14 @@ pub async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Opt
             Err(e) => return Err(Refusal { code: e.code(), message: e.to_string() }),
         }
         match recv.read_chunk(64 << 10, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                // Grow in large steps: whole frames leave `buf` as shared views of its storage
+                // (`Frame::decode_from`), so each new allocation serves many frames.
+                if buf.capacity() - buf.len() < chunk.bytes.len() {
+                    buf.reserve(chunk.bytes.len().max(READ_BUF_STEP));
+                }
+                buf.extend_from_slice(&chunk.bytes)
+            }
             Ok(None) if buf.is_empty() => return Ok(None),
             Ok(None) => {
                 return Err(Refusal { code: ErrorCode::Protocol, message: "stream ended inside a frame".into() });

@@ -244,12 +244,12 @@ impl Tierer {
             self.catalog().segments()?.into_iter().map(|r| (r.id.clone(), r)).collect();
         let mut views = Vec::new();
         for part in &snap.partitions {
-            for seg in &part.closed {
+            for (i, seg) in part.closed.iter().enumerate() {
                 let id = SegmentId { stream: part.stream.clone(), partition: part.partition, base_offset: seg.base.0 };
                 let state = match known.get(&id) {
                     Some(row) => row.state,
                     None => {
-                        self.register(&id, seg, now).await?;
+                        self.register(&id, seg, part.known.get(i).and_then(Option::as_ref), now).await?;
                         SegmentState::Local
                     }
                 };
@@ -326,14 +326,28 @@ impl Tierer {
         self.catalog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads a newly closed segment and records it, with its producers' ranges.
-    async fn register(&self, id: &SegmentId, seg: &shared::log::SegmentSummary, now: i64) -> Result<(), TierError> {
-        let bytes =
-            tokio::fs::read(&seg.path).await.map_err(|source| TierError::Local { path: seg.path.clone(), source })?;
-        let facts = manifest::segment_facts(&bytes, seg.base.0, &BatchLimits::default());
-        for d in &facts.damage {
-            tracing::error!(segment = %seg.path.display(), pos = d.pos, len = d.len, reason = %d.reason, "damaged bytes in a closed segment; tiering what is readable as is");
-        }
+    /// Records a newly closed segment, with its producers' ranges: as the writer saw them go in
+    /// (`known`), else read from the file (a segment begun before this process started).
+    async fn register(
+        &self,
+        id: &SegmentId,
+        seg: &shared::log::SegmentSummary,
+        known: Option<&crate::store::SegmentFacts>,
+        now: i64,
+    ) -> Result<(), TierError> {
+        let facts = match known {
+            Some(k) => crate::store::SegmentFacts::clone(k),
+            None => {
+                let bytes = tokio::fs::read(&seg.path)
+                    .await
+                    .map_err(|source| TierError::Local { path: seg.path.clone(), source })?;
+                let facts = manifest::segment_facts(&bytes, seg.base.0, &BatchLimits::default());
+                for d in &facts.damage {
+                    tracing::error!(segment = %seg.path.display(), pos = d.pos, len = d.len, reason = %d.reason, "damaged bytes in a closed segment; tiering what is readable as is");
+                }
+                crate::store::SegmentFacts { records: facts.records, ranges: facts.ranges }
+            }
+        };
         let row = SegmentRow {
             id: id.clone(),
             next_offset: seg.end.0,

@@ -674,6 +674,11 @@ impl Log {
         self.segments.iter().find_map(|s| s.ts_range.map(|(lo, _)| lo))
     }
 
+    /// First offset of the active segment (where the next append lands unless it rolls).
+    pub fn active_base(&self) -> Offset {
+        self.active_segment().base
+    }
+
     /// Bytes on disk: segments and their indexes.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len + s.index_bytes()).sum()

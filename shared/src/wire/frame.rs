@@ -287,6 +287,36 @@ impl Frame {
     /// Decodes the frame at the start of `buf`: the frame and the bytes it took, `Ok(None)`
     /// if `buf` holds only part of it.
     pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+        Frame::decode_inner(buf, None)
+    }
+
+    /// Like [`Frame::decode`], but takes a whole frame out of `buf` and shares its bytes with
+    /// a BATCH or DICT frame's body instead of copying them; `Ok(None)` (and `buf` untouched)
+    /// while `buf` holds only part of it.
+    pub fn decode_from(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some(len) = buf.get(..4) else { return Ok(None) };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > FRAME_LEN_MAX {
+            return Err(FrameError::Length(len));
+        }
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let whole = buf.split_to(4 + len).freeze();
+        Ok(Frame::decode_inner(&whole, Some(&whole))?.map(|(frame, _)| frame))
+    }
+
+    /// Decodes from `buf`; a body is a slice of `owned` (the same bytes) when given.
+    fn decode_inner(buf: &[u8], owned: Option<&bytes::Bytes>) -> Result<Option<(Frame, usize)>, FrameError> {
+        // Bytes from the reader's position to the end of the body: shared or copied.
+        let body_rest = |r: &mut Reader<'_>| {
+            let at = 5 + r.pos;
+            let rest = r.rest();
+            match owned {
+                Some(b) => b.slice(at..at + rest.len()),
+                None => bytes::Bytes::copy_from_slice(rest),
+            }
+        };
         let Some(len) = buf.get(..4) else { return Ok(None) };
         let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
         if len == 0 || len > FRAME_LEN_MAX {
@@ -331,7 +361,7 @@ impl Frame {
                 };
                 Frame::Open { stream, lane }
             }
-            4 => Frame::Batch(bytes::Bytes::copy_from_slice(r.rest())),
+            4 => Frame::Batch(body_rest(&mut r)),
             5 => {
                 let (start, end, marks) = (r.u64()?, r.u64()?, r.u8()?);
                 if start >= end {
@@ -340,7 +370,7 @@ impl Frame {
                 Frame::Ack { start, end, marks }
             }
             6 => Frame::Tiered { stream: r.stream_name()?, ranges: r.ranges()? },
-            7 => Frame::Dict { id: r.u64()?, bytes: bytes::Bytes::copy_from_slice(r.rest()) },
+            7 => Frame::Dict { id: r.u64()?, bytes: body_rest(&mut r) },
             8 => {
                 let code = ErrorCode::from_u16(r.u16()?);
                 let len = usize::from(r.u16()?);
@@ -520,6 +550,39 @@ mod tests {
         let len = (w.len() - 4) as u32;
         w[..4].copy_from_slice(&len.to_le_bytes());
         assert!(matches!(Frame::decode(&w), Err(FrameError::Field { field: "ranges", .. })));
+    }
+
+    #[test]
+    fn decoding_from_a_buffer_takes_whole_frames_and_shares_batch_bodies() {
+        let frames = samples();
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut wire);
+        }
+        // Fed a byte at a time: nothing until a frame is whole, then exactly that frame.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for &b in wire.iter() {
+            buf.put_u8(b);
+            let before = buf.len();
+            match Frame::decode_from(&mut buf).unwrap() {
+                Some(f) => got.push(f),
+                None => assert_eq!(buf.len(), before, "a partial frame stays in the buffer"),
+            }
+        }
+        assert_eq!(got, frames);
+        assert!(buf.is_empty());
+
+        // A BATCH body is a view of the buffer's bytes, not a copy.
+        let mut buf = BytesMut::new();
+        Frame::Batch(bytes::Bytes::from_static(b"batch body")).encode(&mut buf);
+        let start = buf.as_ptr() as usize;
+        let Some(Frame::Batch(body)) = Frame::decode_from(&mut buf).unwrap() else { panic!("not a batch") };
+        assert_eq!(&body[..], b"batch body");
+        assert_eq!(body.as_ptr() as usize, start + 5, "shared, after the length and type");
+
+        let mut bad = BytesMut::from(&[0u8, 0, 0, 0, 4][..]);
+        assert_eq!(Frame::decode_from(&mut bad), Err(FrameError::Length(0)));
     }
 
     proptest! {

@@ -85,7 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let socket = udp_socket(config.listen, config.udp_buffer_bytes.0 as usize)
         .with_context(|| format!("listen {}", config.listen))?;
     let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
-    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), socket, runtime)
+    let endpoint = quinn::Endpoint::new(config.mtu().endpoint_config(), Some(server_config), socket, runtime)
         .with_context(|| format!("listen {}", config.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -257,6 +257,7 @@ fn quic_server_config(
         config.idle_timeout.duration(),
         shared::quic::Congestion::Cubic,
         STREAMS_PER_CONNECTION_MAX,
+        config.mtu(),
     ));
     metrics.set_cert_expiry(expiry);
     Ok(server_config)

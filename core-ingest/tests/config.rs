@@ -12,7 +12,7 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/core-inges
 
 /// Every key of [`Config`] and its `[tls]` table. `deny_unknown_fields` catches keys the
 /// example has and the config does not; this list catches the other way round.
-const KEYS: [&str; 24] = [
+const KEYS: [&str; 26] = [
     "node",
     "data_dir",
     "listen",
@@ -21,6 +21,8 @@ const KEYS: [&str; 24] = [
     "connections_max",
     "partitions",
     "udp_buffer_bytes",
+    "mtu_min",
+    "mtu_max",
     "segment_bytes_max",
     "keep_alive",
     "idle_timeout",
@@ -78,6 +80,22 @@ fn example_config_loads_with_every_field_at_its_default() {
     );
     let defaults = Config::parse(&minimal, &path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(format!("{config:?}"), format!("{defaults:?}"), "the example's values are the defaults");
+
+    // QUIC packet sizes: within QUIC's floor and the GSO-safe ceiling, min ≤ max.
+    for (from, to, field) in [
+        ("mtu_max = 1452", "mtu_max = 9000", "mtu_max"),
+        ("mtu_min = 1200", "mtu_min = 1000", "mtu_min"),
+        ("mtu_min = 1200", "mtu_min = 1500", "mtu_min"),
+    ] {
+        let e = Config::parse(&text.replacen(from, to, 1), &path).unwrap_err();
+        assert!(e.problems.iter().any(|(k, why)| k == field && why.contains("6500")), "{to}: {e}");
+    }
+    let jumbo = Config::parse(
+        &text.replacen("mtu_min = 1200", "mtu_min = 6500", 1).replacen("mtu_max = 1452", "mtu_max = 6500", 1),
+        &path,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(jumbo.mtu(), shared::quic::Mtu { min: 6500, max: 6500 });
 
     let uncommented = text.replacen("# allow_edges = ", "allow_edges = ", 1);
     let allowing = Config::parse(&uncommented, &path).unwrap_or_else(|e| panic!("{e}"));

@@ -330,6 +330,16 @@ fn client_endpoint() -> Endpoint {
 /// noticed within a second and a half (its successor's stateless resets carry another key, so
 /// only the timeout tells).
 async fn connect(ep: &Endpoint, node: SocketAddr, edge: &EdgeCert) -> Result<Connection, String> {
+    connect_with_mtu(ep, node, edge, shared::quic::Mtu::DEFAULT).await
+}
+
+/// [`connect`] with the edge's QUIC packet sizes.
+async fn connect_with_mtu(
+    ep: &Endpoint,
+    node: SocketAddr,
+    edge: &EdgeCert,
+    mtu: shared::quic::Mtu,
+) -> Result<Connection, String> {
     let tls = tls::client_config(edge.ca.as_bytes(), edge.cert.as_bytes(), edge.key.as_bytes(), &[tls::ALPN_V1])
         .map_err(|e| e.to_string())?;
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?));
@@ -338,6 +348,7 @@ async fn connect(ep: &Endpoint, node: SocketAddr, edge: &EdgeCert) -> Result<Con
         Duration::from_millis(1500),
         Congestion::Cubic,
         16,
+        mtu,
     ));
     let connecting = ep.connect_with(config, node, "localhost").map_err(|e| e.to_string())?;
     timeout(WAIT, connecting).await.map_err(|_| "connect timed out".to_owned())?.map_err(|e| e.to_string())
@@ -523,6 +534,36 @@ async fn batches_are_acked_after_fsync_and_stored_once() {
     assert_exactly_once(&node.dump(), &[(edge.id.clone(), EPOCH, 0..500)]);
     let report = node.verify();
     assert!(report.lines().any(|l| l == edge_line(&edge.id, EPOCH, "[0, 500)")), "{report}");
+}
+
+/// Path MTU discovery climbs to jumbo packets only when the node's `mtu_max` allows them: the
+/// node's setting is what an edge's probes are held to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_grow_to_the_mtu_both_ends_allow() {
+    const EPOCH: u64 = 0x0707;
+    let edge_mtu = shared::quic::Mtu { min: 1200, max: 6500 };
+    for (extra, lowest, highest) in [("mtu_max = 6500", 6000, 6500), ("", 1200, 1452)] {
+        let mut node = Node::new(extra);
+        node.start().await;
+        let edge = node.pki.edge("edge-mtu");
+        let ep = client_endpoint();
+        let conn = connect_with_mtu(&ep, node.listen, &edge, edge_mtu).await.unwrap();
+        let _session = hello(&conn, &edge.id, EPOCH, 0).await.unwrap();
+        let mut d = DataStream::open(&conn).await.unwrap();
+        let mut mtu = 0;
+        for k in 0..40 {
+            d.batch(batch(&edge.id, EPOCH, k)).await.unwrap();
+            assert_eq!(d.ack().await.unwrap(), seqs(k));
+            mtu = conn.stats().path.current_mtu;
+            if mtu >= lowest && k >= 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!((lowest..=highest).contains(&mtu), "node config {extra:?}: path MTU {mtu}");
+        conn.close(VarInt::from(0u32), b"done");
+        assert!(node.stop().await.success(), "{}", node.stderr());
+    }
 }
 
 /// The streaming edge of [`sigkill_with_a_lost_ack_proves_dedup`], shared with the test body.

@@ -87,6 +87,14 @@ pub struct ForwardConfig {
     /// `cubic` or `bbr`.
     #[serde(default = "ForwardConfig::default_congestion")]
     pub congestion: CongestionConfig,
+    /// QUIC packets: the UDP payload size the backhaul is known to carry (packets start
+    /// there). Default 1200, QUIC's floor.
+    #[serde(default = "ForwardConfig::default_mtu_min")]
+    pub mtu_min: u16,
+    /// Path MTU discovery probes up to this UDP payload size: 1452 suits Ethernet; a
+    /// jumbo-frame backhaul can use up to 6500 (the core's `mtu_max` must allow it too).
+    #[serde(default = "ForwardConfig::default_mtu_max")]
+    pub mtu_max: u16,
     /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
     #[serde(default = "BrokerConfig::default_reconnect_min")]
     pub reconnect_min: Millis,
@@ -113,6 +121,16 @@ impl ForwardConfig {
     }
     fn default_hold_down() -> Millis {
         Millis(300_000)
+    }
+    fn default_mtu_min() -> u16 {
+        shared::quic::Mtu::DEFAULT.min
+    }
+    fn default_mtu_max() -> u16 {
+        shared::quic::Mtu::DEFAULT.max
+    }
+    /// The QUIC packet sizes.
+    pub fn mtu(&self) -> shared::quic::Mtu {
+        shared::quic::Mtu { min: self.mtu_min, max: self.mtu_max }
     }
 }
 
@@ -586,6 +604,10 @@ impl Config {
             if f.idle_timeout <= f.keep_alive {
                 p.push(("forward.idle_timeout".into(), "above keep_alive".into()));
             }
+            if let Err(why) = f.mtu().check() {
+                let field = if f.mtu_max > shared::quic::Mtu::CEILING { "forward.mtu_max" } else { "forward.mtu_min" };
+                p.push((field.into(), why));
+            }
             if f.window_bytes.0 < 64 << 10 {
                 p.push(("forward.window_bytes".into(), "at least 64KiB".into()));
             }
@@ -734,6 +756,19 @@ format = "json"
         assert!(keys.contains(&"streams.cdr.zstd_level"), "{e}");
         assert!(keys.contains(&"broker[0].url"), "{e}");
         assert!(e.to_string().contains("test.toml"));
+    }
+
+    #[test]
+    fn forward_packet_sizes_are_checked_and_named() {
+        let forward = "[forward]\ncores = [\"127.0.0.1:4433\"]\nca_file = \"ca.pem\"\ncert_file = \"e.pem\"\n\
+                       key_file = \"e.key\"\n";
+        for (extra, field) in [("mtu_max = 9000", "forward.mtu_max"), ("mtu_min = 1500", "forward.mtu_min")] {
+            let e = parse(&format!("{MIN}{forward}{extra}\n")).unwrap_err();
+            assert!(e.problems.iter().any(|(k, why)| k == field && why.contains("6500")), "{extra}: {e}");
+        }
+        // The defaults pass this check (the missing files are the only problems).
+        let e = parse(&format!("{MIN}{forward}")).unwrap_err();
+        assert!(e.problems.iter().all(|(k, _)| !k.contains("mtu")), "{e}");
     }
 
     #[test]

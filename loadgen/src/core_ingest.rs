@@ -19,6 +19,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -58,6 +59,12 @@ pub struct CoreIngestArgs {
     /// `partitions` of the core's stream (the shipped default is 4).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub partitions: u32,
+    /// QUIC packets start at this UDP payload size (the core's and edges' `mtu_min`).
+    #[arg(long, default_value_t = shared::quic::Mtu::DEFAULT.min)]
+    pub mtu_min: u16,
+    /// Path MTU discovery probes up to this UDP payload size (`mtu_max`, at most 6500).
+    #[arg(long, default_value_t = shared::quic::Mtu::DEFAULT.max)]
+    pub mtu_max: u16,
     /// The core-ingest binary [default: core-ingest next to this loadgen executable].
     #[arg(long, value_name = "PATH")]
     pub core_bin: Option<PathBuf>,
@@ -92,13 +99,15 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
         "certificates issued, batches encoded"
     );
 
-    let mut core = CoreNode::start(&core_exe, &dir, &pki, &CoreSettings { partitions: args.partitions }).await?;
+    let mtu = shared::quic::Mtu { min: args.mtu_min, max: args.mtu_max };
+    mtu.check().map_err(|why| anyhow::anyhow!("--mtu-min / --mtu-max: {why}"))?;
+    let mut core = CoreNode::start(&core_exe, &dir, &pki, &CoreSettings { partitions: args.partitions, mtu }).await?;
     tracing::info!(pid = core.pid(), listen = %core.listen, "core-ingest ready");
     let mut connecting = JoinSet::new();
     for (k, (cert, pool)) in certs.iter().zip(&pools).enumerate() {
         let (listen, cert, pool) = (core.listen, cert.clone(), pool.clone());
         let epoch = quic_edge::epoch_for(args.seed, k as u64);
-        connecting.spawn(async move { SimEdge::connect(listen, &cert, epoch, pool).await });
+        connecting.spawn(async move { SimEdge::connect(listen, &cert, epoch, pool, mtu).await });
     }
     let mut edges = Vec::new();
     while let Some(r) = connecting.join_next().await {
@@ -185,11 +194,14 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
         batch_bytes: args.batch_bytes,
         window_bytes: args.window_bytes,
         partitions: args.partitions,
+        mtu,
         pool_ratio: pool_raw as f64 / pool_bytes.max(1) as f64,
         window,
         latency: Latency::of(&mut latencies),
         per_edge_batches: if per_edge.0 == u64::MAX { (0, 0) } else { per_edge },
         total,
+        quic_packets: (counters.quic_packets.load(Relaxed), counters.quic_lost.load(Relaxed)),
+        path_mtu: *counters.path_mtu.lock().unwrap_or_else(|p| p.into_inner()),
         core_after: after,
         exit,
         verify,
@@ -386,6 +398,8 @@ pub struct Report {
     pub window_bytes: u64,
     /// `--partitions`.
     pub partitions: u32,
+    /// `--mtu-min` / `--mtu-max`.
+    pub mtu: shared::quic::Mtu,
     /// Raw / compressed bytes of the edges' pools.
     pub pool_ratio: f64,
     /// The clocked window.
@@ -396,6 +410,10 @@ pub struct Report {
     pub per_edge_batches: (u64, u64),
     /// Edge totals at the end (after the drain).
     pub total: EdgeTotals,
+    /// QUIC packets the edges sent and quinn declared lost, whole run.
+    pub quic_packets: (u64, u64),
+    /// Path MTU the edges' connections ended with: lowest, highest.
+    pub path_mtu: Option<(u16, u16)>,
     /// The core's counters at the end.
     pub core_after: CoreMetrics,
     /// The core's exit status after SIGTERM.
@@ -479,6 +497,24 @@ impl Report {
                 format!("{} / {}", self.per_edge_batches.0, self.per_edge_batches.1),
             ),
             ("UDP datagrams dropped at the core's socket (receive buffer full)", w.core_udp_drops.to_string()),
+            (
+                "QUIC packet size: mtu_min / mtu_max; path MTU at the end, lowest / highest edge",
+                format!(
+                    "{} / {}; {}",
+                    self.mtu.min,
+                    self.mtu.max,
+                    self.path_mtu.map_or("–".into(), |(lo, hi)| format!("{lo} / {hi}"))
+                ),
+            ),
+            (
+                "QUIC packets sent by the edges, declared lost (whole run)",
+                format!(
+                    "{}, {} ({:.2}%)",
+                    self.quic_packets.0,
+                    self.quic_packets.1,
+                    100.0 * self.quic_packets.1 as f64 / self.quic_packets.0.max(1) as f64
+                ),
+            ),
             (
                 "UDP datagrams received / receive-buffer errors, whole machine",
                 format!("{} / {}", w.udp_in, w.udp_rcvbuf_errors),
@@ -598,6 +634,9 @@ mod tests {
             batch_bytes: 65_536,
             window_bytes: 1 << 20,
             partitions: 4,
+            mtu: shared::quic::Mtu::DEFAULT,
+            quic_packets: (1000, 3),
+            path_mtu: Some((1452, 1452)),
             pool_ratio: 4.0,
             window: Window {
                 seconds: 2.0,

@@ -85,6 +85,15 @@ impl Pki {
 pub struct CoreSettings {
     /// `partitions` (the shipped default is 4).
     pub partitions: u32,
+    /// `mtu_min` / `mtu_max`.
+    pub mtu: shared::quic::Mtu,
+}
+
+impl CoreSettings {
+    /// `partitions` partitions, the shipped defaults otherwise.
+    pub fn with_partitions(partitions: u32) -> CoreSettings {
+        CoreSettings { partitions, mtu: shared::quic::Mtu::DEFAULT }
+    }
 }
 
 /// The core's config: data under `data_dir`, QUIC on `listen`, admin on `admin`.
@@ -96,6 +105,8 @@ data_dir = "{data_dir}"
 listen = "{listen}"
 admin_listen = "{admin}"
 partitions = {partitions}
+mtu_min = {mtu_min}
+mtu_max = {mtu_max}
 
 [tls]
 ca_file = "{ca}"
@@ -104,6 +115,8 @@ key_file = "{key}"
 "#,
         data_dir = data_dir.display(),
         partitions = s.partitions,
+        mtu_min = s.mtu.min,
+        mtu_max = s.mtu.max,
         ca = pki.ca_file().display(),
         cert = pki.dir.join("server.pem").display(),
         key = pki.dir.join("server.key").display(),
@@ -318,7 +331,7 @@ mod tests {
         assert!(edge.cert_file.is_file() && edge.key_file.is_file());
         let listen = SocketAddr::from(([127, 0, 0, 1], 4433));
         let admin = SocketAddr::from(([127, 0, 0, 1], 9465));
-        let text = config_toml(&CoreSettings { partitions: 3 }, &pki, Path::new("/tmp/d"), listen, admin);
+        let text = config_toml(&CoreSettings::with_partitions(3), &pki, Path::new("/tmp/d"), listen, admin);
         for want in ["partitions = 3", "listen = \"127.0.0.1:4433\"", "admin_listen = \"127.0.0.1:9465\"", "ca.pem"] {
             assert!(text.contains(want), "{want} in\n{text}");
         }

@@ -133,7 +133,7 @@ pub async fn run(args: E2eLatencyArgs) -> anyhow::Result<Vec<String>> {
 
     let pki = Pki::create(&dir.join("pki"))?;
     let cert = pki.issue_edge(&forwarding_agent::edge_id())?;
-    let mut core = CoreNode::start(&core_exe, &dir, &pki, &CoreSettings { partitions: args.partitions }).await?;
+    let mut core = CoreNode::start(&core_exe, &dir, &pki, &CoreSettings::with_partitions(args.partitions)).await?;
     let broker = Mosquitto::start(&mosquitto_exe, &dir, args.inflight)?;
     let settings = AgentSettings {
         inflight: args.inflight,

@@ -346,7 +346,7 @@ async fn run_backhaul(args: &OutageArgs, dir: &Path, mosquitto_exe: &Path) -> an
     let core_exe = binary(&args.core_bin, "core-ingest", "core-bin")?;
     let pki = Pki::create(&dir.join("pki"))?;
     let cert = pki.issue_edge(&forwarding_agent::edge_id())?;
-    let mut core = CoreNode::start(&core_exe, dir, &pki, &CoreSettings { partitions: 4 }).await?;
+    let mut core = CoreNode::start(&core_exe, dir, &pki, &CoreSettings::with_partitions(4)).await?;
     let broker = Mosquitto::start(mosquitto_exe, dir, 1000)?;
     let imp = Impairment { loss: args.loss / 100.0, delay: args.delay, ..Impairment::default() };
     imp.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;

@@ -162,6 +162,12 @@ pub struct EdgeCounters {
     pub acked_payload_bytes: AtomicU64,
     /// Their records.
     pub acked_records: AtomicU64,
+    /// QUIC packets the edges sent, and of those quinn declared lost (whole run, at close).
+    pub quic_packets: AtomicU64,
+    /// See `quic_packets`.
+    pub quic_lost: AtomicU64,
+    /// The path MTU the edges' connections ended with: lowest, highest.
+    pub path_mtu: std::sync::Mutex<Option<(u16, u16)>>,
 }
 
 /// A snapshot of [`EdgeCounters`].
@@ -234,6 +240,7 @@ impl SimEdge {
         cert: &EdgeCert,
         epoch: u64,
         pool: Vec<PooledBatch>,
+        mtu: shared::quic::Mtu,
     ) -> anyhow::Result<SimEdge> {
         let id = cert.id.clone();
         let tls = tls::client_config(
@@ -249,6 +256,7 @@ impl SimEdge {
             Duration::from_secs(60),
             Congestion::Cubic,
             16,
+            mtu,
         ));
         let endpoint = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).context("a client UDP socket")?;
         let session = async {
@@ -306,6 +314,14 @@ impl SimEdge {
         // its side, which ends the ACK reader.
         let _ = data_send.finish();
         let read = tokio::time::timeout(ACK_STALL_TIMEOUT, acks).await;
+        let stats = conn.stats();
+        counters.quic_packets.fetch_add(stats.path.sent_packets, Relaxed);
+        counters.quic_lost.fetch_add(stats.path.lost_packets, Relaxed);
+        {
+            let mtu = stats.path.current_mtu;
+            let mut seen = counters.path_mtu.lock().unwrap_or_else(|p| p.into_inner());
+            *seen = Some(seen.map_or((mtu, mtu), |(lo, hi)| (lo.min(mtu), hi.max(mtu))));
+        }
         conn.close(VarInt::from(ErrorCode::NoError as u16), b"loadgen done");
         // The reader's error first: a refusal from the core also stops the sender.
         let latencies = read

@@ -303,6 +303,7 @@ fn quic_client_config(
         c.idle_timeout.duration(),
         congestion,
         STREAMS_MAX,
+        c.mtu(),
     ));
     metrics.cert_expiry[0].store(expiry.cert_not_after, Relaxed);
     metrics.cert_expiry[1].store(expiry.ca_not_after, Relaxed);

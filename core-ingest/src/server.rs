@@ -22,6 +22,8 @@ use crate::store::{StoreHandle, Stored};
 
 /// Acks a data stream may have pending before it stops reading.
 const PIPELINE_MAX: usize = 1024;
+/// Most bytes of ACK frames gathered into one write on a data stream (about 700 ACKs).
+const ACK_WRITE_BYTES_MAX: usize = 16 << 10;
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -292,23 +294,55 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
     // Acks leave in the order the batches came, each after its fsync; a batch already in the
     // bucket (a resend after its segment tiered) carries the tiered mark too.
     let acks = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            let frame = match p {
-                Pending::Ack(key, range, answer) => match answer.await {
-                    Ok(Ok(stored)) => {
-                        let in_bucket = stored == Stored::Duplicate
-                            && tiered.borrow().get(&key).is_some_and(|r| r.contains_range(&range));
-                        let m = if in_bucket { marks::DURABLE | marks::TIERED } else { marks::DURABLE };
-                        Frame::Ack { start: range.start, end: range.end, marks: m }
-                    }
-                    Ok(Err(r)) => return Some((send, r)),
-                    Err(_) => return Some((send, refusal(ErrorCode::Internal, "store stopped"))),
+        // ACK frames of batches whose answers are already in go out in one write.
+        let mut out = BytesMut::new();
+        let mut next: Option<Pending> = None;
+        loop {
+            let p = match next.take() {
+                Some(p) => p,
+                None => match rx.recv().await {
+                    Some(p) => p,
+                    None => break,
                 },
+            };
+            let answer = match p {
+                Pending::Ack(key, range, answer) => (key, range, answer.await),
                 Pending::Fail(r) => return Some((send, r)),
             };
-            if write_frame(&mut send, &frame).await.is_err() {
+            if let Err(r) = ack_frame(answer, &tiered).map(|f| f.encode(&mut out)) {
+                return Some((send, r));
+            }
+            while out.len() < ACK_WRITE_BYTES_MAX {
+                let Ok(mut p) = rx.try_recv() else { break };
+                let ready = match &mut p {
+                    Pending::Ack(_, _, answer) => match answer.try_recv() {
+                        Ok(a) => Some(Ok(a)),
+                        Err(oneshot::error::TryRecvError::Empty) => None,
+                        Err(oneshot::error::TryRecvError::Closed) => Some(Err(())),
+                    },
+                    Pending::Fail(_) => None,
+                };
+                match (ready, p) {
+                    (Some(a), Pending::Ack(key, range, _)) => {
+                        let a = a.unwrap_or_else(|()| Err(refusal(ErrorCode::Internal, "store stopped")));
+                        match ack_frame((key, range, Ok(a)), &tiered) {
+                            Ok(f) => f.encode(&mut out),
+                            Err(r) => {
+                                let _ = send.write_all(&out).await;
+                                return Some((send, r));
+                            }
+                        }
+                    }
+                    (_, p) => {
+                        next = Some(p);
+                        break;
+                    }
+                }
+            }
+            if send.write_all(&out).await.is_err() {
                 return None;
             }
+            out.clear();
         }
         let _ = send.finish();
         None
@@ -362,6 +396,28 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
     drop(tx);
     if let Ok(Some((mut send, r))) = acks.await {
         fail_stream(&mut send, &mut recv, &r, &ctx).await;
+    }
+}
+
+/// The ACK for a stored batch (a batch already in the bucket — a resend after its segment
+/// tiered — carries the tiered mark too), or why the stream must close.
+fn ack_frame(
+    (key, range, answer): (
+        shared::wire::session::ProducerKey,
+        std::ops::Range<u64>,
+        Result<Result<Stored, Refusal>, oneshot::error::RecvError>,
+    ),
+    tiered: &watch::Receiver<Arc<crate::tier::TieredRanges>>,
+) -> Result<Frame, Refusal> {
+    match answer {
+        Ok(Ok(stored)) => {
+            let in_bucket =
+                stored == Stored::Duplicate && tiered.borrow().get(&key).is_some_and(|r| r.contains_range(&range));
+            let m = if in_bucket { marks::DURABLE | marks::TIERED } else { marks::DURABLE };
+            Ok(Frame::Ack { start: range.start, end: range.end, marks: m })
+        }
+        Ok(Err(r)) => Err(r),
+        Err(_) => Err(refusal(ErrorCode::Internal, "store stopped")),
     }
 }
 

@@ -52,7 +52,9 @@ pub struct DirectFile {
     /// The file's length as written by us (at most the logical length).
     file_len: u64,
     pending_bytes_max: usize,
-    /// A sync failed: drop writes nothing more (the owner reopens and recovers).
+    /// A write, cut or sync failed: drop writes nothing more. The log may have been reopened
+    /// on the same file meanwhile (it reopens after a failed fsync), and the stale pending
+    /// bytes must not land after what the new owner recovered.
     failed: bool,
 }
 
@@ -86,11 +88,6 @@ impl DirectFile {
         };
         f.load_tail(size)?;
         Ok(f)
-    }
-
-    /// Whether writes bypass the page cache (false after falling back to buffered writes).
-    pub fn is_direct(&self) -> bool {
-        self.direct
     }
 
     fn logical_len(&self) -> u64 {
@@ -180,7 +177,33 @@ impl DirectFile {
 }
 
 impl AppendFile for DirectFile {
-    fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        let r = self.append_inner(data);
+        self.failed |= r.is_err();
+        r
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let r = self.flush().and_then(|()| self.file.sync_data());
+        self.failed |= r.is_err();
+        r
+    }
+
+    /// Cuts the file to `len`, which must not exceed what was appended.
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        let r = self.truncate_inner(len);
+        self.failed |= r.is_err();
+        r
+    }
+
+    /// False after the fallback to buffered writes.
+    fn is_direct(&self) -> bool {
+        self.direct
+    }
+}
+
+impl DirectFile {
+    fn append_inner(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let room = self.pending_bytes_max.saturating_sub(self.len);
             if room == 0 {
@@ -196,16 +219,7 @@ impl AppendFile for DirectFile {
         Ok(())
     }
 
-    fn sync(&mut self) -> io::Result<()> {
-        let r = self.flush().and_then(|()| self.file.sync_data());
-        if r.is_err() {
-            self.failed = true;
-        }
-        r
-    }
-
-    /// Cuts the file to `len`, which must not exceed what was appended.
-    fn truncate(&mut self, len: u64) -> io::Result<()> {
+    fn truncate_inner(&mut self, len: u64) -> io::Result<()> {
         let logical = self.logical_len();
         if len > logical {
             return Err(io::Error::new(
@@ -227,15 +241,11 @@ impl AppendFile for DirectFile {
             self.load_tail(len)
         }
     }
-
-    fn is_direct(&self) -> bool {
-        self.direct
-    }
 }
 
 impl Drop for DirectFile {
     /// Buffered writes would sit in the page cache by now: put pending bytes in the file too
-    /// (not fsynced). Not after a failed sync, whose owner reopens the file through recovery.
+    /// (not fsynced). Not after a failure, whose owner reopens the file through recovery.
     fn drop(&mut self) {
         if self.failed {
             return;

@@ -56,6 +56,10 @@ pub struct DirectFile {
     /// on the same file meanwhile (it reopens after a failed fsync), and the stale pending
     /// bytes must not land after what the new owner recovered.
     failed: bool,
+    /// Tests: the next direct write fails with `EINVAL`, as on a file system that accepts
+    /// `O_DIRECT` at open but not at write.
+    #[cfg(test)]
+    refuse_direct_write: bool,
 }
 
 impl DirectFile {
@@ -72,7 +76,7 @@ impl DirectFile {
             pending_bytes_max >= DIRECT_BLOCK_BYTES && pending_bytes_max.is_multiple_of(DIRECT_BLOCK_BYTES),
             "pending_bytes_max {pending_bytes_max} is not a positive multiple of the block size"
         );
-        let file = OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).custom_flags(o_direct()?).open(path)?;
         let size = file.metadata()?.len();
         let mut f = DirectFile {
             file,
@@ -85,6 +89,8 @@ impl DirectFile {
             file_len: size,
             pending_bytes_max,
             failed: false,
+            #[cfg(test)]
+            refuse_direct_write: false,
         };
         f.load_tail(size)?;
         Ok(f)
@@ -123,6 +129,13 @@ impl DirectFile {
     /// Writes `self.buf[..n]` at `buf_start`; on the first write, `EINVAL` means the file
     /// system refuses direct IO after all: reopen buffered and write again.
     fn write_buf(&mut self, n: usize) -> io::Result<()> {
+        #[cfg(test)]
+        let r = if std::mem::take(&mut self.refuse_direct_write) {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            self.file.write_all_at(&self.buf.as_ref()[..n], self.buf_start)
+        };
+        #[cfg(not(test))]
         let r = self.file.write_all_at(&self.buf.as_ref()[..n], self.buf_start);
         match r {
             Err(e) if is_unsupported(&e) && self.direct && !self.written => {
@@ -254,6 +267,17 @@ impl Drop for DirectFile {
             tracing::warn!(file = %self.path.display(), %error, "unsynced appends not written at close");
         }
     }
+}
+
+/// The open flag for direct IO; `EINVAL` (so: the buffered fallback) where there is none.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn o_direct() -> io::Result<i32> {
+    Ok(libc::O_DIRECT)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn o_direct() -> io::Result<i32> {
+    Err(io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Whether `e` says the file system does not do direct IO (`EINVAL` from open or write).
@@ -429,6 +453,30 @@ mod tests {
         f.sync().unwrap();
         assert_eq!(on_disk(&path), model);
         assert!(f.truncate(model.len() as u64 + 1).is_err(), "cannot extend");
+    }
+
+    #[test]
+    fn einval_at_the_first_write_falls_back_to_buffered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a.log");
+        let mut f = DirectFile::open(&path).unwrap();
+        f.refuse_direct_write = true;
+        f.append(&bytes(5000, 1)).unwrap();
+        f.sync().unwrap();
+        assert!(!f.is_direct());
+        f.append(&bytes(10, 2)).unwrap();
+        f.sync().unwrap();
+        let mut want = bytes(5000, 1);
+        want.extend(bytes(10, 2));
+        assert_eq!(on_disk(&path), want);
+        // After a write went through, EINVAL is an error like any other.
+        let mut f = DirectFile::open(&path).unwrap();
+        f.append(b"x").unwrap();
+        f.sync().unwrap();
+        f.refuse_direct_write = true;
+        f.append(b"y").unwrap();
+        assert!(f.sync().is_err());
+        assert!(f.is_direct());
     }
 
     #[derive(Clone, Debug)]

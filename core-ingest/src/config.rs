@@ -39,8 +39,9 @@ pub struct Config {
     #[serde(default = "Config::default_segment_bytes_max")]
     pub segment_bytes_max: ByteSize,
     /// Append to the stream logs with direct IO (`O_DIRECT`), bypassing the page cache: on
-    /// ext4 about a tenth of the kernel CPU per GB stored of buffered writes and `fdatasync`.
-    /// Where the file system refuses it (tmpfs, some FUSE) the node warns and writes buffered.
+    /// ext4 a third to a fifth of the kernel CPU per GB stored of buffered writes and
+    /// `fdatasync` in busy rounds (~1 MB per fsync), the same in quiet ones. Where the file
+    /// system refuses it (some FUSE, tmpfs on older kernels) the node warns and writes buffered.
     #[serde(default = "Config::default_direct_io")]
     pub direct_io: bool,
     /// Keep-alive towards edges (at most 15 s keeps NAT bindings on mobile backhaul alive).

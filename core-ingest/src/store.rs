@@ -719,7 +719,7 @@ mod tests {
             };
             let mut store = Store::open(config, Arc::new(Metrics::default())).unwrap();
             let logs = &store.stream_logs("cdr").unwrap().logs;
-            // The temp dir is not tmpfs here, so the direct path is really taken.
+            // The temp dir's file system does O_DIRECT here: the direct path is really taken.
             assert!(logs.iter().all(|l| l.is_direct_io() == direct_io), "direct_io = {direct_io}");
         }
     }

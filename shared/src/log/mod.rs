@@ -87,10 +87,11 @@ pub struct LogConfig {
     /// `log verify` and `log dump` on a directory another process may own.
     pub read_only: bool,
     /// Append to the active segment with direct IO ([`storage::Storage::open_append_direct`]):
-    /// on ext4 it costs about a tenth of the kernel CPU per byte of buffered writes and
-    /// `fdatasync`. Appends then reach the file at [`Log::sync`], so it applies only under
-    /// `Always` and `Interval`; under [`FsyncPolicy::Never`] appends are readable at once and
-    /// must be in the file at once, so the log appends through the page cache.
+    /// on ext4 it costs a third to a fifth of the kernel CPU per byte of buffered writes and
+    /// `fdatasync` when syncs cover ~1 MB (`benches/log_direct.rs`). Appends then reach the
+    /// file at [`Log::sync`], so it applies only under `Always` and `Interval`; under
+    /// [`FsyncPolicy::Never`] appends are readable at once and must be in the file at once, so
+    /// the log appends through the page cache.
     pub direct_io: bool,
 }
 

@@ -159,7 +159,7 @@ impl Storage for FsStorage {
     }
 
     /// Opens with `O_DIRECT` ([`DirectFile`]); where the file system refuses it (`EINVAL`:
-    /// tmpfs, some FUSE), warns once for the file and appends through the page cache.
+    /// some FUSE, tmpfs on older kernels), warns once for the file and appends buffered.
     fn open_append_direct(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
         match DirectFile::open(path) {
             Ok(f) => Ok(Box::new(f)),

@@ -80,6 +80,7 @@ fn bench(port: u16, mb: u64, moto_pid: u32) -> anyhow::Result<()> {
         data_dir: data_dir.clone(),
         partitions: 2,
         segment_bytes_max: 8 << 20,
+        direct_io: true,
         disk_budget_bytes: u64::MAX,
         tiered_ranges: vec![],
     };

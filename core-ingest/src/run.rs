@@ -68,6 +68,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         data_dir: config.data_dir.clone(),
         partitions: config.partitions,
         segment_bytes_max: config.segment_bytes_max.0,
+        direct_io: config.direct_io,
         disk_budget_bytes: config.tier.disk_budget_bytes.0,
         tiered_ranges,
     };

@@ -40,6 +40,8 @@ pub struct StoreConfig {
     pub partitions: u32,
     /// Segment size.
     pub segment_bytes_max: u64,
+    /// Append to the logs with direct IO ([`LogConfig::direct_io`]).
+    pub direct_io: bool,
     /// Past this many bytes of logs on disk, appends wait unanswered (backpressure) until the
     /// tierer frees room; nothing untiered is ever deleted for room.
     pub disk_budget_bytes: u64,
@@ -591,6 +593,7 @@ impl Store {
         LogConfig {
             segment_bytes_max: self.config.segment_bytes_max,
             fsync: FsyncPolicy::Interval { interval_ms: 0 },
+            direct_io: self.config.direct_io,
             ..LogConfig::default()
         }
     }
@@ -746,6 +749,7 @@ mod tests {
             data_dir: dir.path().into(),
             partitions: 1,
             segment_bytes_max: 64 << 10,
+            direct_io: true,
             disk_budget_bytes: 200 << 10,
             tiered_ranges: vec![],
         };
@@ -790,12 +794,32 @@ mod tests {
     }
 
     #[test]
+    fn logs_append_with_direct_io_as_configured() {
+        for direct_io in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = StoreConfig {
+                data_dir: dir.path().into(),
+                partitions: 2,
+                segment_bytes_max: 64 << 10,
+                direct_io,
+                disk_budget_bytes: u64::MAX,
+                tiered_ranges: vec![],
+            };
+            let mut store = Store::open(config, Arc::new(Metrics::default())).unwrap();
+            let logs = &store.stream_logs("cdr").unwrap().logs;
+            // The temp dir's file system does O_DIRECT here: the direct path is really taken.
+            assert!(logs.iter().all(|l| l.is_direct_io() == direct_io), "direct_io = {direct_io}");
+        }
+    }
+
+    #[test]
     fn seeded_tiered_ranges_make_a_resent_batch_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig {
             data_dir: dir.path().into(),
             partitions: 1,
             segment_bytes_max: 64 << 10,
+            direct_io: true,
             disk_budget_bytes: u64::MAX,
             tiered_ranges: vec![(key(), 0..20)],
         };

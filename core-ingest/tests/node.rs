@@ -530,6 +530,8 @@ async fn batches_are_acked_after_fsync_and_stored_once() {
     let status = node.stop().await;
     assert!(status.success(), "SIGTERM: {status}\n{}", node.stderr());
     assert!(node.stderr().contains("stopped"), "{}", node.stderr());
+    // direct_io is on by default and the temp dir's file system has O_DIRECT: no fallback.
+    assert!(!node.stderr().contains("direct IO refused"), "{}", node.stderr());
 
     assert_exactly_once(&node.dump(), &[(edge.id.clone(), EPOCH, 0..500)]);
     let report = node.verify();

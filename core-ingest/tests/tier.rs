@@ -338,6 +338,7 @@ fn populate(data_dir: &Path, batches: u64, payload_bytes: usize, segment_bytes: 
         data_dir: data_dir.into(),
         partitions: 2,
         segment_bytes_max: segment_bytes,
+        direct_io: true,
         disk_budget_bytes: u64::MAX,
         tiered_ranges: vec![],
     };
@@ -682,6 +683,7 @@ fn segments_tier_local_copies_go_and_reads_return_every_record_once() {
         data_dir: node.data_dir(),
         partitions: 2,
         segment_bytes_max: 64 << 10,
+        direct_io: true,
         disk_budget_bytes: u64::MAX,
         tiered_ranges: seed,
     };

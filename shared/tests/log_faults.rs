@@ -1,5 +1,8 @@
 //! Named fault and behaviour tests of the log, on real files (`FsStorage`) where the fault can
 //! be made with plain file operations, and on the simulator for failing fsyncs and full disks.
+//!
+//! `log_faults_direct.rs` includes this file again with the active segment appended through
+//! direct IO ([`LogConfig::direct_io`]); [`direct_io`] tells the two crates apart.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -35,12 +38,18 @@ fn batch(seq: u64, n: u32, ts: i64) -> Batch {
     Batch::from_bytes(out.freeze(), &BatchLimits::default()).unwrap()
 }
 
+/// Whether this build of the tests appends with direct IO (the `log_faults_direct` crate).
+fn direct_io() -> bool {
+    env!("CARGO_CRATE_NAME") == "log_faults_direct"
+}
+
 fn config() -> LogConfig {
     LogConfig {
         segment_bytes_max: 8 << 10,
         segment_age_ms: 0,
         index_interval_bytes: 1024,
         fsync: FsyncPolicy::Always,
+        direct_io: direct_io(),
         ..LogConfig::default()
     }
 }
@@ -74,7 +83,14 @@ fn read_all(log: &mut Log) -> (Vec<u64>, Vec<shared::log::Problem>) {
 }
 
 fn open_fs(dir: &Path) -> Log {
-    Log::open(Arc::new(FsStorage), dir, config(), 0).unwrap()
+    open_fs_with(dir, config())
+}
+
+fn open_fs_with(dir: &Path, config: LogConfig) -> Log {
+    let log = Log::open(Arc::new(FsStorage), dir, config, 0).unwrap();
+    // The temp dir is on ext4 here: the direct path must not hide behind its fallback.
+    assert_eq!(log.is_direct_io(), direct_io(), "direct IO in use");
+    log
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -117,6 +133,68 @@ fn recovery_truncates_torn_tail() {
     let mut log = open_fs(&dir);
     assert!(log.problems().is_empty(), "{:?}", log.problems());
     assert_eq!(read_all(&mut log).0.len(), 6);
+}
+
+#[test]
+fn recovery_truncates_zero_padding_after_the_last_frame() {
+    // A direct write pads the last block with zeros and cuts them off afterwards: a crash in
+    // between leaves them on disk. They are a torn tail, not damage that stops the log.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cdr");
+    let mut log = open_fs(&dir);
+    fill(&mut log, 5);
+    let expected = read_all(&mut log).0;
+    drop(log);
+    let last = segment_files(&dir).pop().unwrap();
+    let good_len = fs::metadata(&last).unwrap().len();
+    assert_ne!(good_len % 4096, 0, "the test wants a partial last block");
+    let padded = good_len.next_multiple_of(4096) + 4096;
+    OpenOptions::new().write(true).open(&last).unwrap().set_len(padded).unwrap();
+
+    let mut log = open_fs(&dir);
+    assert_eq!(log.problems().len(), 1, "{:?}", log.problems());
+    assert_eq!(log.problems()[0].kind, ProblemKind::TornTail);
+    assert_eq!(log.problems()[0].pos, good_len);
+    assert_eq!(fs::metadata(&last).unwrap().len(), good_len, "padding truncated on disk");
+    let (offsets, damage) = read_all(&mut log);
+    assert_eq!(offsets, expected);
+    assert!(damage.is_empty(), "{damage:?}");
+    fill(&mut log, 3);
+    drop(log);
+    let mut log = open_fs(&dir);
+    assert!(log.problems().is_empty(), "{:?}", log.problems());
+    assert_eq!(read_all(&mut log).0.len(), expected.len() + 3);
+}
+
+#[test]
+fn group_commit_on_files_reads_only_what_was_synced() {
+    // Under direct IO the unsynced frames are not in the file yet: reads must stop before them
+    // rather than take the short file for damage.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cdr");
+    let cfg = LogConfig { fsync: FsyncPolicy::Interval { interval_ms: 5 }, ..config() };
+    let mut log = open_fs_with(&dir, cfg);
+    for round in 0..30u64 {
+        let next = log.next_offset().0;
+        log.append(&batch(next, 4, 0), 0).unwrap();
+        log.append(&batch(next + 4, 4, 0), 0).unwrap();
+        let (offsets, damage) = read_all(&mut log);
+        assert!(damage.is_empty(), "round {round}: {damage:?}");
+        // A roll syncs the closing segment, so a round's first batch may be committed already.
+        let committed = log.committed_offset().0;
+        assert!(committed < log.next_offset().0, "round {round}: the second batch waits for a sync");
+        assert_eq!(offsets, (0..committed / 4).map(|i| i * 4).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(log.offset_for_time(0).unwrap(), (round > 0).then_some(Offset(0)));
+        log.sync().unwrap();
+    }
+    assert!(log.segments().len() > 2, "rolled under group commit");
+    // Appended but never synced: written at close as the page cache would hold it.
+    let next = log.next_offset().0;
+    log.append(&batch(next, 4, 0), 0).unwrap();
+    drop(log);
+    let mut log = open_fs_with(&dir, cfg);
+    assert!(log.problems().is_empty(), "{:?}", log.problems());
+    assert_eq!(read_all(&mut log).0.len(), 61);
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::direct::{DirectFile, is_unsupported};
+
 /// A file opened for appending, the active segment.
 pub trait AppendFile: Send + std::fmt::Debug {
     /// Writes all of `data` at the end. On error some prefix of it may have been written.
@@ -16,6 +18,11 @@ pub trait AppendFile: Send + std::fmt::Debug {
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts the file to `len` bytes.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
+
+    /// Whether appends bypass the page cache (direct IO).
+    fn is_direct(&self) -> bool {
+        false
+    }
 }
 
 /// A file opened for positional reads.
@@ -39,6 +46,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Opens `path` for appending, creating it empty if missing.
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Opens `path` for appending with direct IO where the implementation and the file system
+    /// have it: appends may wait in memory until [`AppendFile::sync`] (or the file's drop), so
+    /// the file holds only what was synced or flushed. Falls back to [`Storage::open_append`].
+    fn open_append_direct(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        self.open_append(path)
+    }
     /// Opens `path` for reading.
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn ReadFile>>;
     /// Creates or replaces `path` with `data` and fsyncs the file (not the directory).
@@ -143,6 +156,19 @@ impl Storage for FsStorage {
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
         let f = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Box::new(FsFile(f)))
+    }
+
+    /// Opens with `O_DIRECT` ([`DirectFile`]); where the file system refuses it (`EINVAL`:
+    /// some FUSE, tmpfs on older kernels), warns once for the file and appends buffered.
+    fn open_append_direct(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        match DirectFile::open(path) {
+            Ok(f) => Ok(Box::new(f)),
+            Err(error) if is_unsupported(&error) => {
+                tracing::warn!(file = %path.display(), %error, "direct IO refused; appending through the page cache");
+                self.open_append(path)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn ReadFile>> {

@@ -844,6 +844,7 @@ mod tests {
             segment_bytes_max: 64 << 10,
             disk_budget_bytes: u64::MAX,
             tiered_ranges: vec![],
+            direct_io: true,
         };
         let producers = [("e1", 1), ("e2", 7), ("e1", 2)];
         let send = |handle: &StoreHandle, rt: &tokio::runtime::Runtime, ks: std::ops::Range<u64>| {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use quinn::{RecvStream, SendStream};
 
 use crate::wire::session::Refusal;
@@ -104,11 +104,8 @@ const READ_BUF_STEP: usize = 64 << 10;
 /// Reads one frame; `Ok(None)` at a clean end of stream. `buf` carries bytes between calls.
 pub async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<Frame>, Refusal> {
     loop {
-        match Frame::decode(buf) {
-            Ok(Some((frame, n))) => {
-                buf.advance(n);
-                return Ok(Some(frame));
-            }
+        match Frame::decode_from(buf) {
+            Ok(Some(frame)) => return Ok(Some(frame)),
             Ok(None) => {}
             Err(e) => return Err(Refusal { code: e.code(), message: e.to_string() }),
         }

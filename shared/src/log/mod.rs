@@ -372,7 +372,6 @@ pub struct Log {
     released: Offset,
     poisoned: Option<String>,
     problems: Vec<Problem>,
-    frame_buf: Vec<u8>,
 }
 
 impl Log {
@@ -403,7 +402,6 @@ impl Log {
             released: Offset(0),
             poisoned: None,
             problems: Vec::new(),
-            frame_buf: Vec::new(),
         };
         if !config.read_only {
             log.remove_stray_files(&names, &bases)?;
@@ -464,18 +462,17 @@ impl Log {
         }
         self.maybe_roll(frame_len, now_ms)?;
 
-        self.frame_buf.clear();
         let seg = self.segments.last().expect("a log always has an active segment");
         let synced_len = if self.durable >= seg.end { seg.len } else { seg.synced_len };
-        segment::encode_frame(offset, synced_len, bytes, &mut self.frame_buf);
-        let (pos, path) = (seg.len, self.segment_path(seg.base));
+        let head = segment::frame_header(offset, synced_len, bytes.len());
+        let (pos, base) = (seg.len, seg.base);
         let file = self.active.as_mut().expect("writable log has an active file");
-        if let Err(source) = file.append(&self.frame_buf) {
+        if let Err(source) = file.append_parts(&[&head, bytes]) {
             // Cut the partial frame off so no torn bytes sit before later frames.
             if let Err(e) = file.truncate(pos) {
                 self.poisoned = Some(format!("write failed ({source}) and truncating it back failed ({e})"));
             }
-            return Err(LogError::Io { op: "append to", path, source });
+            return Err(LogError::Io { op: "append to", path: self.segment_path(base), source });
         }
         let h = batch.header();
         let info = FrameInfo {

@@ -91,15 +91,20 @@ pub struct Scan {
 
 /// Appends the frame of `batch` at `offset` to `out`.
 pub fn encode_frame(offset: Offset, synced_len: u64, batch: &[u8], out: &mut impl BufMut) {
+    out.put_slice(&frame_header(offset, synced_len, batch.len()));
+    out.put_slice(batch);
+}
+
+/// The header of the frame of a `batch_len`-byte batch at `offset`; the batch's bytes follow it.
+pub fn frame_header(offset: Offset, synced_len: u64, batch_len: usize) -> [u8; FRAME_HEADER_LEN] {
     let mut head = [0u8; FRAME_HEADER_LEN];
     head[..4].copy_from_slice(&FRAME_MAGIC);
     head[4..12].copy_from_slice(&offset.0.to_le_bytes());
     head[12..20].copy_from_slice(&synced_len.to_le_bytes());
-    head[20..24].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+    head[20..24].copy_from_slice(&(batch_len as u32).to_le_bytes());
     let crc = crc32c::crc32c(&head[..24]);
     head[24..28].copy_from_slice(&crc.to_le_bytes());
-    out.put_slice(&head);
-    out.put_slice(batch);
+    head
 }
 
 /// Decodes the frame at the start of `buf`. `Ok(None)` if `buf` ends inside it.

@@ -14,6 +14,11 @@ use super::direct::{DirectFile, is_unsupported};
 pub trait AppendFile: Send + std::fmt::Debug {
     /// Writes all of `data` at the end. On error some prefix of it may have been written.
     fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Writes `parts` one after the other at the end, as one `append` of their concatenation
+    /// would (a frame's header and its batch, without gathering them in a buffer first).
+    fn append_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        parts.iter().try_for_each(|p| self.append(p))
+    }
     /// Makes everything written so far durable (fsync / fdatasync).
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts the file to `len` bytes.
@@ -99,6 +104,22 @@ struct FsFile(File);
 impl AppendFile for FsFile {
     fn append(&mut self, data: &[u8]) -> io::Result<()> {
         self.0.write_all(data)
+    }
+
+    fn append_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        // One `writev` in the common case; a short write carries on where it stopped.
+        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        io::IoSlice::advance_slices(&mut rest, 0);
+        while !rest.is_empty() {
+            match self.0.write_vectored(rest) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write whole frame")),
+                Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> io::Result<()> {
@@ -191,5 +212,25 @@ impl Storage for FsStorage {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appending_parts_writes_their_concatenation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut f = FsStorage.open_append(&path).unwrap();
+        let big = vec![7u8; 300_000];
+        f.append_parts(&[b"head", b"", &big, b"tail"]).unwrap();
+        f.append(b"!").unwrap();
+        f.sync().unwrap();
+        let mut want = b"head".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"tail!");
+        assert_eq!(read_all(&FsStorage, &path).unwrap(), want);
     }
 }

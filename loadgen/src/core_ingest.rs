@@ -65,6 +65,10 @@ pub struct CoreIngestArgs {
     /// Path MTU discovery probes up to this UDP payload size (`mtu_max`, at most 6500).
     #[arg(long, default_value_t = shared::quic::Mtu::DEFAULT.max)]
     pub mtu_max: u16,
+    /// The core's `udp_buffer_bytes` [default: the shipped 4 MiB]; the kernel caps it at
+    /// `net.core.rmem_max` / `wmem_max` (the core warns).
+    #[arg(long)]
+    pub udp_buffer_bytes: Option<u64>,
     /// The core-ingest binary [default: core-ingest next to this loadgen executable].
     #[arg(long, value_name = "PATH")]
     pub core_bin: Option<PathBuf>,
@@ -101,7 +105,13 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
 
     let mtu = shared::quic::Mtu { min: args.mtu_min, max: args.mtu_max };
     mtu.check().map_err(|why| anyhow::anyhow!("--mtu-min / --mtu-max: {why}"))?;
-    let mut core = CoreNode::start(&core_exe, &dir, &pki, &CoreSettings { partitions: args.partitions, mtu }).await?;
+    let mut core = CoreNode::start(
+        &core_exe,
+        &dir,
+        &pki,
+        &CoreSettings { partitions: args.partitions, mtu, udp_buffer_bytes: args.udp_buffer_bytes },
+    )
+    .await?;
     tracing::info!(pid = core.pid(), listen = %core.listen, "core-ingest ready");
     let mut connecting = JoinSet::new();
     for (k, (cert, pool)) in certs.iter().zip(&pools).enumerate() {

@@ -87,12 +87,14 @@ pub struct CoreSettings {
     pub partitions: u32,
     /// `mtu_min` / `mtu_max`.
     pub mtu: shared::quic::Mtu,
+    /// `udp_buffer_bytes`; unset: the shipped default.
+    pub udp_buffer_bytes: Option<u64>,
 }
 
 impl CoreSettings {
     /// `partitions` partitions, the shipped defaults otherwise.
     pub fn with_partitions(partitions: u32) -> CoreSettings {
-        CoreSettings { partitions, mtu: shared::quic::Mtu::DEFAULT }
+        CoreSettings { partitions, mtu: shared::quic::Mtu::DEFAULT, udp_buffer_bytes: None }
     }
 }
 
@@ -107,7 +109,7 @@ admin_listen = "{admin}"
 partitions = {partitions}
 mtu_min = {mtu_min}
 mtu_max = {mtu_max}
-
+{udp_buffer}
 [tls]
 ca_file = "{ca}"
 cert_file = "{cert}"
@@ -117,6 +119,7 @@ key_file = "{key}"
         partitions = s.partitions,
         mtu_min = s.mtu.min,
         mtu_max = s.mtu.max,
+        udp_buffer = s.udp_buffer_bytes.map_or(String::new(), |b| format!("udp_buffer_bytes = \"{b}B\"\n")),
         ca = pki.ca_file().display(),
         cert = pki.dir.join("server.pem").display(),
         key = pki.dir.join("server.key").display(),
@@ -335,6 +338,17 @@ mod tests {
         for want in ["partitions = 3", "listen = \"127.0.0.1:4433\"", "admin_listen = \"127.0.0.1:9465\"", "ca.pem"] {
             assert!(text.contains(want), "{want} in\n{text}");
         }
+        assert!(!text.contains("udp_buffer_bytes"), "the shipped default unless asked:\n{text}");
+        let jumbo = CoreSettings {
+            partitions: 4,
+            mtu: shared::quic::Mtu { min: 6500, max: 6500 },
+            udp_buffer_bytes: Some(32 << 20),
+        };
+        let text = config_toml(&jumbo, &pki, Path::new("/tmp/d"), listen, admin);
+        for want in ["mtu_min = 6500\n", "mtu_max = 6500\n", "udp_buffer_bytes = \"33554432B\"\n"] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+        assert_eq!(shared::units::ByteSize::parse("33554432B"), Ok(shared::units::ByteSize(32 << 20)));
     }
 
     #[test]

@@ -37,11 +37,11 @@ pub struct Config {
     pub udp_buffer_bytes: ByteSize,
     /// QUIC packets: the UDP payload size every path to this node carries (packets start
     /// there). Default 1200, QUIC's floor; see [`shared::quic::Mtu`].
-    #[serde(default = "Config::default_mtu_min")]
+    #[serde(default = "shared::quic::Mtu::default_min")]
     pub mtu_min: u16,
     /// Largest UDP payload this node accepts and path MTU discovery probes for: 1452 suits
     /// Ethernet; a jumbo-frame backhaul can use up to 6500 (fewer packets per GB, less CPU).
-    #[serde(default = "Config::default_mtu_max")]
+    #[serde(default = "shared::quic::Mtu::default_max")]
     pub mtu_max: u16,
     /// Segment files roll at this size.
     #[serde(default = "Config::default_segment_bytes_max")]
@@ -221,12 +221,6 @@ impl Config {
     fn default_udp_buffer_bytes() -> ByteSize {
         ByteSize(4 << 20)
     }
-    fn default_mtu_min() -> u16 {
-        shared::quic::Mtu::DEFAULT.min
-    }
-    fn default_mtu_max() -> u16 {
-        shared::quic::Mtu::DEFAULT.max
-    }
     /// The QUIC packet sizes.
     pub fn mtu(&self) -> shared::quic::Mtu {
         shared::quic::Mtu { min: self.mtu_min, max: self.mtu_max }
@@ -291,9 +285,7 @@ impl Config {
         if c.idle_timeout <= c.keep_alive {
             p.push(("idle_timeout".into(), "above keep_alive".into()));
         }
-        if let Err(why) = c.mtu().check() {
-            p.push(((if c.mtu_max > shared::quic::Mtu::CEILING { "mtu_max" } else { "mtu_min" }).into(), why));
-        }
+        p.extend(c.mtu().problem(""));
         if c.segment_bytes_max.0 < 64 << 10 {
             p.push(("segment_bytes_max".into(), "at least 64KiB".into()));
         }

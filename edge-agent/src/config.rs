@@ -89,11 +89,11 @@ pub struct ForwardConfig {
     pub congestion: CongestionConfig,
     /// QUIC packets: the UDP payload size the backhaul is known to carry (packets start
     /// there). Default 1200, QUIC's floor.
-    #[serde(default = "ForwardConfig::default_mtu_min")]
+    #[serde(default = "shared::quic::Mtu::default_min")]
     pub mtu_min: u16,
     /// Path MTU discovery probes up to this UDP payload size: 1452 suits Ethernet; a
     /// jumbo-frame backhaul can use up to 6500 (the core's `mtu_max` must allow it too).
-    #[serde(default = "ForwardConfig::default_mtu_max")]
+    #[serde(default = "shared::quic::Mtu::default_max")]
     pub mtu_max: u16,
     /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
     #[serde(default = "BrokerConfig::default_reconnect_min")]
@@ -121,12 +121,6 @@ impl ForwardConfig {
     }
     fn default_hold_down() -> Millis {
         Millis(300_000)
-    }
-    fn default_mtu_min() -> u16 {
-        shared::quic::Mtu::DEFAULT.min
-    }
-    fn default_mtu_max() -> u16 {
-        shared::quic::Mtu::DEFAULT.max
     }
     /// The QUIC packet sizes.
     pub fn mtu(&self) -> shared::quic::Mtu {
@@ -604,10 +598,7 @@ impl Config {
             if f.idle_timeout <= f.keep_alive {
                 p.push(("forward.idle_timeout".into(), "above keep_alive".into()));
             }
-            if let Err(why) = f.mtu().check() {
-                let field = if f.mtu_max > shared::quic::Mtu::CEILING { "forward.mtu_max" } else { "forward.mtu_min" };
-                p.push((field.into(), why));
-            }
+            p.extend(f.mtu().problem("forward."));
             if f.window_bytes.0 < 64 << 10 {
                 p.push(("forward.window_bytes".into(), "at least 64KiB".into()));
             }

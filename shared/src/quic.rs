@@ -44,6 +44,24 @@ impl Mtu {
     /// The defaults: start at QUIC's floor, discover up to a 1500-byte Ethernet MTU over IPv6.
     pub const DEFAULT: Mtu = Mtu { min: 1200, max: 1452 };
 
+    /// Default `mtu_min` of a config (for `#[serde(default = …)]`).
+    pub fn default_min() -> u16 {
+        Mtu::DEFAULT.min
+    }
+
+    /// Default `mtu_max` of a config.
+    pub fn default_max() -> u16 {
+        Mtu::DEFAULT.max
+    }
+
+    /// The config problem, if any, as (key, why): keys `{prefix}mtu_min` / `{prefix}mtu_max`,
+    /// the one out of range named (`mtu_min` when they are in the wrong order).
+    pub fn problem(self, prefix: &str) -> Option<(String, String)> {
+        let why = self.check().err()?;
+        let key = if self.max > Mtu::CEILING { "mtu_max" } else { "mtu_min" };
+        Some((format!("{prefix}{key}"), why))
+    }
+
     /// Why `self` is not a usable setting, if it is not.
     pub fn check(self) -> Result<(), String> {
         if self.min < Mtu::FLOOR || self.max > Mtu::CEILING || self.min > self.max {

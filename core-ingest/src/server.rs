@@ -306,7 +306,7 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
                 },
             };
             let answer = match p {
-                Pending::Ack(key, range, answer) => (key, range, answer.await),
+                Pending::Ack(key, range, answer) => (key, range, answer.await.ok()),
                 Pending::Fail(r) => return Some((send, r)),
             };
             if let Err(r) = ack_frame(answer, &tiered).map(|f| f.encode(&mut out)) {
@@ -314,25 +314,22 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
             }
             while out.len() < ACK_WRITE_BYTES_MAX {
                 let Ok(mut p) = rx.try_recv() else { break };
+                // In: `Some(answer)`, `None` once the store is gone. Still waiting: not ready.
                 let ready = match &mut p {
                     Pending::Ack(_, _, answer) => match answer.try_recv() {
-                        Ok(a) => Some(Ok(a)),
                         Err(oneshot::error::TryRecvError::Empty) => None,
-                        Err(oneshot::error::TryRecvError::Closed) => Some(Err(())),
+                        r => Some(r.ok()),
                     },
                     Pending::Fail(_) => None,
                 };
                 match (ready, p) {
-                    (Some(a), Pending::Ack(key, range, _)) => {
-                        let a = a.unwrap_or_else(|()| Err(refusal(ErrorCode::Internal, "store stopped")));
-                        match ack_frame((key, range, Ok(a)), &tiered) {
-                            Ok(f) => f.encode(&mut out),
-                            Err(r) => {
-                                let _ = send.write_all(&out).await;
-                                return Some((send, r));
-                            }
+                    (Some(a), Pending::Ack(key, range, _)) => match ack_frame((key, range, a), &tiered) {
+                        Ok(f) => f.encode(&mut out),
+                        Err(r) => {
+                            let _ = send.write_all(&out).await;
+                            return Some((send, r));
                         }
-                    }
+                    },
                     (_, p) => {
                         next = Some(p);
                         break;
@@ -400,24 +397,21 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
 }
 
 /// The ACK for a stored batch (a batch already in the bucket — a resend after its segment
-/// tiered — carries the tiered mark too), or why the stream must close.
+/// tiered — carries the tiered mark too), or why the stream must close (`answer` is `None`
+/// when the store stopped without one).
 fn ack_frame(
-    (key, range, answer): (
-        shared::wire::session::ProducerKey,
-        std::ops::Range<u64>,
-        Result<Result<Stored, Refusal>, oneshot::error::RecvError>,
-    ),
+    (key, range, answer): (shared::wire::session::ProducerKey, std::ops::Range<u64>, Option<Result<Stored, Refusal>>),
     tiered: &watch::Receiver<Arc<crate::tier::TieredRanges>>,
 ) -> Result<Frame, Refusal> {
     match answer {
-        Ok(Ok(stored)) => {
+        Some(Ok(stored)) => {
             let in_bucket =
                 stored == Stored::Duplicate && tiered.borrow().get(&key).is_some_and(|r| r.contains_range(&range));
             let m = if in_bucket { marks::DURABLE | marks::TIERED } else { marks::DURABLE };
             Ok(Frame::Ack { start: range.start, end: range.end, marks: m })
         }
-        Ok(Err(r)) => Err(r),
-        Err(_) => Err(refusal(ErrorCode::Internal, "store stopped")),
+        Some(Err(r)) => Err(r),
+        None => Err(refusal(ErrorCode::Internal, "store stopped")),
     }
 }
 

@@ -23,10 +23,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, black_box};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use shared::batch::{
-    Attr, Batch, BatchBuilder, BatchEncoder, BatchLimits, BatchMeta, Compression, PayloadFormat, attr,
-};
-use shared::ids::{Epoch, Seq};
+use shared::batch::{Attr, Batch, BatchBuilder, BatchEncoder, BatchLimits, Compression, PayloadFormat, attr};
 use shared::synth;
 
 /// Payload bytes per batch.
@@ -104,22 +101,12 @@ fn make_case(payload: &'static str, format: PayloadFormat, size: &'static str, b
     Case { payload, size, format, records, payload_bytes: concat.len(), concat }
 }
 
-fn meta(format: PayloadFormat) -> BatchMeta {
-    BatchMeta {
-        producer: "edge-bench".into(),
-        epoch: Epoch(0x5eed),
-        stream: if format == PayloadFormat::Json { "cdr".into() } else { "sensors".into() },
-        base_seq: Seq(0),
-        payload_format: format,
-    }
-}
-
 fn encode(case: &Case, encoder: &mut BatchEncoder, builder: &mut BatchBuilder, out: &mut BytesMut) {
     out.clear();
     for r in &case.records {
         builder.push(r.ts_ms, &r.topic, &r.payload, &r.attrs).expect("synthetic records are within bounds");
     }
-    encoder.finish(builder, &meta(case.format), out).expect("a non-empty builder encodes");
+    encoder.finish(builder, &synth::batch_meta(case.format), out).expect("a non-empty builder encodes");
 }
 
 fn encoded(case: &Case, compression: Compression) -> Bytes {
@@ -137,7 +124,7 @@ fn encoded_len_without_attrs(case: &Case, compression: Compression) -> usize {
     }
     let mut out = BytesMut::new();
     let mut encoder = BatchEncoder::new(compression).expect("valid level");
-    encoder.finish(&mut builder, &meta(case.format), &mut out).expect("a non-empty builder encodes");
+    encoder.finish(&mut builder, &synth::batch_meta(case.format), &mut out).expect("a non-empty builder encodes");
     out.len()
 }
 

@@ -33,10 +33,7 @@ use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use shared::batch::{
-    Attr, Batch, BatchBuilder, BatchEncoder, BatchLimits, BatchMeta, Compression, PayloadFormat, attr,
-};
-use shared::ids::{Epoch, Seq};
+use shared::batch::{Attr, Batch, BatchBuilder, BatchEncoder, BatchLimits, Compression, PayloadFormat, attr};
 use shared::log::segment::FRAME_HEADER_LEN;
 use shared::log::storage::FsStorage;
 use shared::log::{FsyncPolicy, Log, LogConfig};
@@ -119,13 +116,7 @@ fn cdr_batch() -> Batch {
         for (i, (topic, payload, attrs)) in records.iter().take(n).enumerate() {
             builder.push(synth::ts_ms(i as u64), topic, payload, attrs).expect("synthetic records are within bounds");
         }
-        let meta = BatchMeta {
-            producer: "edge-bench".into(),
-            epoch: Epoch(0x5eed),
-            stream: "cdr".into(),
-            base_seq: Seq(0),
-            payload_format: PayloadFormat::Json,
-        };
+        let meta = synth::batch_meta(PayloadFormat::Json);
         let mut out = BytesMut::new();
         let mut encoder = BatchEncoder::new(Compression::Zstd { level: 1 }).expect("valid level");
         encoder.finish(&mut builder, &meta, &mut out).expect("a non-empty builder encodes");

@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use shared::batch::{Batch, BatchEncoder, BatchLimits, BatchMeta, Compression, PayloadFormat, Record};
-use shared::ids::{Epoch, Seq};
+use shared::batch::{Batch, BatchEncoder, BatchLimits, Compression, PayloadFormat, Record};
 use shared::log::segment::FRAME_HEADER_LEN;
 use shared::log::storage::FsStorage;
 use shared::log::{FsyncPolicy, Log, LogConfig};
@@ -176,13 +175,7 @@ fn cdr_batch(bytes: usize) -> Batch {
             attrs: vec![],
         });
     }
-    let meta = BatchMeta {
-        producer: "edge-bench".into(),
-        epoch: Epoch(0x5eed),
-        stream: "cdr".into(),
-        base_seq: Seq(0),
-        payload_format: PayloadFormat::Json,
-    };
+    let meta = synth::batch_meta(PayloadFormat::Json);
     let mut out = BytesMut::new();
     BatchEncoder::new(Compression::None).expect("no compression").encode(&meta, &records, &mut out).expect("encode");
     Batch::from_bytes(out.freeze(), &BatchLimits::default()).expect("own batch")

@@ -33,6 +33,19 @@ pub const START_MS: i64 = 1_717_200_000_000;
 /// Publish interval between consecutive records, ms (100 records/s in all).
 pub const INTERVAL_MS: i64 = 10;
 
+/// The meta of a synthetic batch in `format`, as the benches encode them: producer
+/// `edge-bench`, epoch `0x5eed`, stream `cdr` for JSON (`sensors` otherwise), first seq 0.
+pub fn batch_meta(format: crate::batch::PayloadFormat) -> crate::batch::BatchMeta {
+    use crate::batch::PayloadFormat;
+    crate::batch::BatchMeta {
+        producer: "edge-bench".into(),
+        epoch: crate::ids::Epoch(0x5eed),
+        stream: if format == PayloadFormat::Json { "cdr".into() } else { "sensors".into() },
+        base_seq: crate::ids::Seq(0),
+        payload_format: format,
+    }
+}
+
 /// When record `i` is published (its event time at the edge), ms since the Unix epoch.
 pub fn ts_ms(i: u64) -> i64 {
     START_MS + i as i64 * INTERVAL_MS

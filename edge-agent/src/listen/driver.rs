@@ -430,32 +430,29 @@ fn encode(version: Version, out: Out, buf: &mut BytesMut) {
     };
 }
 
+/// Maps a session's reason onto rumqttc's PUBACK or PUBREC reason enum (same variant names).
+macro_rules! ack_reason {
+    ($r:expr, $to:ty) => {{
+        type R = $to;
+        match $r {
+            Reason::Success => R::Success,
+            Reason::NoMatchingSubscribers => R::NoMatchingSubscribers,
+            Reason::NotAuthorized => R::NotAuthorized,
+            Reason::TopicNameInvalid => R::TopicNameInvalid,
+            Reason::QuotaExceeded => R::QuotaExceeded,
+            Reason::PayloadFormatInvalid => R::PayloadFormatInvalid,
+            Reason::ImplementationSpecificError => R::ImplementationSpecificError,
+            _ => R::UnspecifiedError,
+        }
+    }};
+}
+
 fn puback_reason(r: Reason) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
-    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
-    match r {
-        Reason::Success => R::Success,
-        Reason::NoMatchingSubscribers => R::NoMatchingSubscribers,
-        Reason::NotAuthorized => R::NotAuthorized,
-        Reason::TopicNameInvalid => R::TopicNameInvalid,
-        Reason::QuotaExceeded => R::QuotaExceeded,
-        Reason::PayloadFormatInvalid => R::PayloadFormatInvalid,
-        Reason::ImplementationSpecificError => R::ImplementationSpecificError,
-        _ => R::UnspecifiedError,
-    }
+    ack_reason!(r, rumqttc::v5::mqttbytes::v5::PubAckReason)
 }
 
 fn pubrec_reason(r: Reason) -> rumqttc::v5::mqttbytes::v5::PubRecReason {
-    use rumqttc::v5::mqttbytes::v5::PubRecReason as R;
-    match r {
-        Reason::Success => R::Success,
-        Reason::NoMatchingSubscribers => R::NoMatchingSubscribers,
-        Reason::NotAuthorized => R::NotAuthorized,
-        Reason::TopicNameInvalid => R::TopicNameInvalid,
-        Reason::QuotaExceeded => R::QuotaExceeded,
-        Reason::PayloadFormatInvalid => R::PayloadFormatInvalid,
-        Reason::ImplementationSpecificError => R::ImplementationSpecificError,
-        _ => R::UnspecifiedError,
-    }
+    ack_reason!(r, rumqttc::v5::mqttbytes::v5::PubRecReason)
 }
 
 fn connack(version: Version, result: &Result<Accepted, Reason>, limits: &Limits, max: usize, buf: &mut BytesMut) {

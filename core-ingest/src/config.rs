@@ -40,7 +40,7 @@ pub struct Config {
     #[serde(default = "shared::quic::Mtu::default_min")]
     pub mtu_min: u16,
     /// Largest UDP payload this node accepts and path MTU discovery probes for: 1452 suits
-    /// Ethernet; a jumbo-frame backhaul can use up to 6500 (fewer packets per GB, less CPU).
+    /// Ethernet; a 9000-byte jumbo-frame backhaul up to 8972 (fewer packets per GB, less CPU).
     #[serde(default = "shared::quic::Mtu::default_max")]
     pub mtu_max: u16,
     /// Segment files roll at this size.

@@ -85,8 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let server_config = quic_server_config(&config, &cert_files, &metrics)?;
     let socket = udp_socket(config.listen, config.udp_buffer_bytes.0 as usize)
         .with_context(|| format!("listen {}", config.listen))?;
-    let runtime = quinn::default_runtime().context("no async runtime for quinn")?;
-    let endpoint = quinn::Endpoint::new(config.mtu().endpoint_config(), Some(server_config), socket, runtime)
+    let endpoint = shared::quic::endpoint(socket, config.mtu(), Some(server_config))
         .with_context(|| format!("listen {}", config.listen))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 

@@ -83,19 +83,19 @@ fn example_config_loads_with_every_field_at_its_default() {
 
     // QUIC packet sizes: within QUIC's floor and the GSO-safe ceiling, min ≤ max.
     for (from, to, field) in [
-        ("mtu_max = 1452", "mtu_max = 9000", "mtu_max"),
+        ("mtu_max = 1452", "mtu_max = 9001", "mtu_max"),
         ("mtu_min = 1200", "mtu_min = 1000", "mtu_min"),
         ("mtu_min = 1200", "mtu_min = 1500", "mtu_min"),
     ] {
         let e = Config::parse(&text.replacen(from, to, 1), &path).unwrap_err();
-        assert!(e.problems.iter().any(|(k, why)| k == field && why.contains("6500")), "{to}: {e}");
+        assert!(e.problems.iter().any(|(k, why)| k == field && why.contains("8972")), "{to}: {e}");
     }
     let jumbo = Config::parse(
-        &text.replacen("mtu_min = 1200", "mtu_min = 6500", 1).replacen("mtu_max = 1452", "mtu_max = 6500", 1),
+        &text.replacen("mtu_min = 1200", "mtu_min = 8952", 1).replacen("mtu_max = 1452", "mtu_max = 8972", 1),
         &path,
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(jumbo.mtu(), shared::quic::Mtu { min: 6500, max: 6500 });
+    assert_eq!(jumbo.mtu(), shared::quic::Mtu { min: 8952, max: 8972 });
 
     let uncommented = text.replacen("# allow_edges = ", "allow_edges = ", 1);
     let allowing = Config::parse(&uncommented, &path).unwrap_or_else(|e| panic!("{e}"));

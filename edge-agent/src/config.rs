@@ -92,7 +92,7 @@ pub struct ForwardConfig {
     #[serde(default = "shared::quic::Mtu::default_min")]
     pub mtu_min: u16,
     /// Path MTU discovery probes up to this UDP payload size: 1452 suits Ethernet; a
-    /// jumbo-frame backhaul can use up to 6500 (the core's `mtu_max` must allow it too).
+    /// 9000-byte jumbo-frame backhaul up to 8972 (the core's `mtu_max` must allow it too).
     #[serde(default = "shared::quic::Mtu::default_max")]
     pub mtu_max: u16,
     /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
@@ -753,9 +753,9 @@ format = "json"
     fn forward_packet_sizes_are_checked_and_named() {
         let forward = "[forward]\ncores = [\"127.0.0.1:4433\"]\nca_file = \"ca.pem\"\ncert_file = \"e.pem\"\n\
                        key_file = \"e.key\"\n";
-        for (extra, field) in [("mtu_max = 9000", "forward.mtu_max"), ("mtu_min = 1500", "forward.mtu_min")] {
+        for (extra, field) in [("mtu_max = 9001", "forward.mtu_max"), ("mtu_min = 1500", "forward.mtu_min")] {
             let e = parse(&format!("{MIN}{forward}{extra}\n")).unwrap_err();
-            assert!(e.problems.iter().any(|(k, why)| k == field && why.contains("6500")), "{extra}: {e}");
+            assert!(e.problems.iter().any(|(k, why)| k == field && why.contains("8972")), "{extra}: {e}");
         }
         // The defaults pass this check (the missing files are the only problems).
         let e = parse(&format!("{MIN}{forward}")).unwrap_err();

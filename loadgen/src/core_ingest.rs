@@ -62,7 +62,7 @@ pub struct CoreIngestArgs {
     /// QUIC packets start at this UDP payload size (the core's and edges' `mtu_min`).
     #[arg(long, default_value_t = shared::quic::Mtu::DEFAULT.min)]
     pub mtu_min: u16,
-    /// Path MTU discovery probes up to this UDP payload size (`mtu_max`, at most 6500).
+    /// Path MTU discovery probes up to this UDP payload size (`mtu_max`, at most 8972).
     #[arg(long, default_value_t = shared::quic::Mtu::DEFAULT.max)]
     pub mtu_max: u16,
     /// The core's `udp_buffer_bytes` [default: the shipped 4 MiB]; the kernel caps it at

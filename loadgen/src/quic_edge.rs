@@ -258,7 +258,8 @@ impl SimEdge {
             16,
             mtu,
         ));
-        let endpoint = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).context("a client UDP socket")?;
+        let endpoint =
+            shared::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), mtu).context("a client UDP socket")?;
         let session = async {
             let conn = endpoint.connect_with(config, core, SERVER_NAME)?.await?;
             let (mut ctl_send, mut ctl_recv) = conn.open_bi().await?;

@@ -185,7 +185,7 @@ enum Ended {
 
 /// Runs the forwarder until shutdown.
 pub async fn drive_forwarder(mut p: ForwardParams) -> anyhow::Result<()> {
-    let endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    let endpoint = shared::quic::client_endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), p.config.mtu())?;
     // The config each new connection uses; a certificate reload swaps it.
     let client = Arc::new(std::sync::Mutex::new(quic_client_config(&p.config, &p.edge_id, &p.metrics)?));
     let reloader = tokio::spawn(drive_cert_reloads(

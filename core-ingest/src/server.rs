@@ -13,7 +13,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use shared::batch::{Batch, BatchLimits};
 use shared::quic::{read_frame, write_frame};
 use shared::wire::frame::{StreamHeld, marks};
-use shared::wire::session::{IngestSession, Refusal};
+use shared::wire::session::{IngestSession, ProducerKey, Refusal};
 use shared::wire::{ErrorCode, Frame};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -269,7 +269,7 @@ async fn send_tiered(
 }
 
 enum Pending {
-    Ack(shared::wire::session::ProducerKey, std::ops::Range<u64>, oneshot::Receiver<Result<Stored, Refusal>>),
+    Ack(Arc<ProducerKey>, std::ops::Range<u64>, oneshot::Receiver<Result<Stored, Refusal>>),
     Fail(Refusal),
 }
 
@@ -344,6 +344,8 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
         let _ = send.finish();
         None
     });
+    // Every batch of this stream has the same key: made once, at the first batch that passes.
+    let mut stream_key: Option<Arc<ProducerKey>> = None;
     loop {
         // A refusal from the store ends the ack task (it closes `rx`): stop reading at once,
         // so the edge hears of it without having to send another frame first.
@@ -371,14 +373,18 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
                 break;
             }
         };
-        let (key, range) = match session.check_batch(&stream, batch.header()) {
+        let checked = session.check_batch(&stream, batch.header()).and_then(|range| match &stream_key {
+            Some(k) => Ok((Arc::clone(k), range)),
+            None => Ok((stream_key.insert(Arc::new(session.producer_key(&stream)?)).clone(), range)),
+        });
+        let (key, range) = match checked {
             Ok(kr) => kr,
             Err(r) => {
                 let _ = tx.send(Pending::Fail(r)).await;
                 break;
             }
         };
-        match ctx.store.append_pipelined(key.clone(), range.clone(), batch).await {
+        match ctx.store.append_pipelined(Arc::clone(&key), range.clone(), batch).await {
             Ok(answer) => {
                 if tx.send(Pending::Ack(key, range, answer)).await.is_err() {
                     break;
@@ -400,7 +406,7 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
 /// tiered — carries the tiered mark too), or why the stream must close (`answer` is `None`
 /// when the store stopped without one).
 fn ack_frame(
-    (key, range, answer): (shared::wire::session::ProducerKey, std::ops::Range<u64>, Option<Result<Stored, Refusal>>),
+    (key, range, answer): (Arc<ProducerKey>, std::ops::Range<u64>, Option<Result<Stored, Refusal>>),
     tiered: &watch::Receiver<Arc<crate::tier::TieredRanges>>,
 ) -> Result<Frame, Refusal> {
     match answer {

@@ -178,11 +178,14 @@ pub enum StoreInput {
     Shutdown,
 }
 
+/// An appended batch waiting for the sync: its key, seqs, verdict, oldest event time, reply.
+type Answer = (Arc<ProducerKey>, Range<u64>, Stored, i64, Reply);
+
 /// A batch to store; answered after the covering fsync.
 #[derive(Debug)]
 pub struct AppendRequest {
-    /// Whose.
-    pub key: ProducerKey,
+    /// Whose (shared: every batch of a data stream has the same).
+    pub key: Arc<ProducerKey>,
     /// Its seqs.
     pub range: Range<u64>,
     /// The batch.
@@ -202,19 +205,24 @@ pub struct StoreHandle {
 
 impl StoreHandle {
     /// Stores a batch; resolves once it is durable (or known held).
-    pub async fn append(&self, key: ProducerKey, range: Range<u64>, batch: Batch) -> Result<Stored, Refusal> {
+    pub async fn append(
+        &self,
+        key: impl Into<Arc<ProducerKey>>,
+        range: Range<u64>,
+        batch: Batch,
+    ) -> Result<Stored, Refusal> {
         self.append_pipelined(key, range, batch).await?.await.map_err(|_| stopped())?
     }
 
     /// Queues a batch and returns the receiver of its answer, so a data stream can pipeline.
     pub async fn append_pipelined(
         &self,
-        key: ProducerKey,
+        key: impl Into<Arc<ProducerKey>>,
         range: Range<u64>,
         batch: Batch,
     ) -> Result<oneshot::Receiver<Result<Stored, Refusal>>, Refusal> {
         let (reply, rx) = oneshot::channel();
-        let request = Box::new(AppendRequest { key, range, batch, reply });
+        let request = Box::new(AppendRequest { key: key.into(), range, batch, reply });
         self.tx.send(StoreInput::Append(request)).await.map_err(|_| stopped())?;
         Ok(rx)
     }
@@ -300,8 +308,8 @@ impl Store {
             closed_facts: HashMap::new(),
         };
         for (key, range) in store.config.tiered_ranges.clone() {
-            store.appended.insert(key.clone(), range.clone());
-            store.durable.insert(key, range);
+            store.appended.insert(&key, range.clone());
+            store.durable.insert(&key, range);
         }
         let streams_dir = store.config.data_dir.join(shared::log::verify::STREAMS_DIR);
         let names = match std::fs::read_dir(&streams_dir) {
@@ -323,7 +331,7 @@ impl Store {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<StoreInput>) {
-        let mut waiting: Vec<(ProducerKey, Range<u64>, Stored, i64, Reply)> = Vec::new();
+        let mut waiting: Vec<Answer> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut stop = false;
             let mut next = Some(first);
@@ -376,7 +384,7 @@ impl Store {
                     self.metrics.event_to_durable.observe_us(now.saturating_sub(min_ts).saturating_mul(1000));
                 }
                 let answer = if synced {
-                    self.durable.insert(key, range);
+                    self.durable.insert(&key, range);
                     Ok(stored)
                 } else {
                     Err(Refusal { code: ErrorCode::Internal, message: "fsync failed; send again".into() })
@@ -393,7 +401,7 @@ impl Store {
         }
     }
 
-    fn take_append(&mut self, req: AppendRequest, waiting: &mut Vec<(ProducerKey, Range<u64>, Stored, i64, Reply)>) {
+    fn take_append(&mut self, req: AppendRequest, waiting: &mut Vec<Answer>) {
         let AppendRequest { key, range, batch, reply } = req;
         match self.append(&key, &range, &batch) {
             Ok(stored) => waiting.push((key, range, stored, batch.header().min_ts_ms, reply)),
@@ -485,7 +493,7 @@ impl Store {
                 }
                 self.metrics.bytes_stored.add(batch.bytes().len() as u64);
                 self.note_edge(batch);
-                self.appended.insert(key.clone(), range.clone());
+                self.appended.insert(key, range.clone());
                 Ok(Stored::Durable)
             }
             Err(e) => {
@@ -548,13 +556,13 @@ impl Store {
         self.appended.retain(|k| !mine(k));
         self.durable.retain(|k| !mine(k));
         for (key, range) in self.config.tiered_ranges.iter().filter(|(k, _)| mine(k)) {
-            self.appended.insert(key.clone(), range.clone());
-            self.durable.insert(key.clone(), range.clone());
+            self.appended.insert(key, range.clone());
+            self.durable.insert(key, range.clone());
         }
         let Some(log) = self.streams.get_mut(stream).map(|s| &mut s.logs[p]) else { return };
         if let Err(e) = read_headers(log, |key, range| {
-            self.appended.insert(key.clone(), range.clone());
-            self.durable.insert(key, range);
+            self.appended.insert(&key, range.clone());
+            self.durable.insert(&key, range);
         }) {
             tracing::error!(stream, partition = p, error = %e, "rebuilding dedup failed");
         }
@@ -626,8 +634,8 @@ impl Store {
             }
             let (appended, durable) = (&mut self.appended, &mut self.durable);
             read_headers(&mut log, |key, range| {
-                appended.insert(key.clone(), range.clone());
-                durable.insert(key, range);
+                appended.insert(&key, range.clone());
+                durable.insert(&key, range);
             })
             .map_err(|e| e.to_string())?;
             logs.push(log);

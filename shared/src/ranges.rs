@@ -47,6 +47,14 @@ impl RangeSet {
         if r.start >= r.end {
             return;
         }
+        // The common case, in order: `r` starts at or inside the last range and runs on.
+        if let Some(last) = self.ranges.last_mut()
+            && last.start <= r.start
+            && r.start <= last.end
+        {
+            last.end = last.end.max(r.end);
+            return;
+        }
         // First range whose end reaches r.start, last whose start is within r.end.
         let lo = self.ranges.partition_point(|x| x.end < r.start);
         let hi = self.ranges.partition_point(|x| x.start <= r.end);

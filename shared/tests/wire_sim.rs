@@ -101,7 +101,7 @@ fn run(seed: u64, steps: usize) {
                     let s = lane / 2;
                     match core.appended.check(&key(s), &range) {
                         Verdict::New { .. } => {
-                            core.appended.insert(key(s), range.clone());
+                            core.appended.insert(&key(s), range.clone());
                             core.pending.push((s, range.clone()));
                             core.acks_after_sync.push((s, range));
                         }
@@ -125,7 +125,7 @@ fn run(seed: u64, steps: usize) {
         // Group commit at the core: pending becomes durable, then the acks leave.
         if rng.gen_bool(0.3) {
             for (s, r) in core.pending.drain(..) {
-                core.durable.insert(key(s), r.clone());
+                core.durable.insert(&key(s), r.clone());
                 core.stored[s].push(r);
             }
             for (s, r) in core.acks_after_sync.drain(..) {

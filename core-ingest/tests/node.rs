@@ -310,15 +310,20 @@ fn batch_of(producer: &str, epoch: u64, range: Range<u64>) -> Bytes {
             attrs: vec![],
         })
         .collect();
+    encode(producer, epoch, range.start, PayloadFormat::Json, &records)
+}
+
+/// `records` as a zstd-1 batch of (`producer`, `epoch`, [`STREAM`]) from seq `base_seq`.
+fn encode(producer: &str, epoch: u64, base_seq: u64, payload_format: PayloadFormat, records: &[Record]) -> Bytes {
     let meta = BatchMeta {
         producer: producer.into(),
         epoch: Epoch(epoch),
         stream: STREAM.into(),
-        base_seq: Seq(range.start),
-        payload_format: PayloadFormat::Json,
+        base_seq: Seq(base_seq),
+        payload_format,
     };
     let mut out = BytesMut::new();
-    BatchEncoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&meta, &records, &mut out).unwrap();
+    BatchEncoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&meta, records, &mut out).unwrap();
     out.freeze()
 }
 
@@ -598,16 +603,7 @@ fn noise_batch(producer: &str, epoch: u64, k: u64, rng: &mut SmallRng) -> Bytes 
             }
         })
         .collect();
-    let meta = BatchMeta {
-        producer: producer.into(),
-        epoch: Epoch(epoch),
-        stream: STREAM.into(),
-        base_seq: Seq(k * RECORDS_PER_BATCH),
-        payload_format: PayloadFormat::Raw,
-    };
-    let mut out = BytesMut::new();
-    BatchEncoder::new(Compression::Zstd { level: 1 }).unwrap().encode(&meta, &records, &mut out).unwrap();
-    out.freeze()
+    encode(producer, epoch, k * RECORDS_PER_BATCH, PayloadFormat::Raw, &records)
 }
 
 /// The streaming edge of [`sigkill_with_a_lost_ack_proves_dedup`], shared with the test body.

@@ -377,13 +377,15 @@ async fn run_quinn_peer(
     for edge in edges {
         running.spawn(edge.run_raw(counters.clone(), go.clone(), stop.clone()));
     }
-    let sink_pid = sink.pid();
+    let (sink_pid, sink_port) = (sink.pid(), sink.listen.port());
     let sample = |sink: &mut SinkProc| -> anyhow::Result<PeerSample> {
         let counts = tokio::task::block_in_place(|| sink.counts())?;
         Ok(PeerSample {
             at: Instant::now(),
             sink_cpu: clock.cpu_seconds(Some(sink_pid))?,
             loadgen_cpu: clock.cpu_seconds(None)?,
+            machine_cpu: process::machine_busy_seconds(clock)?,
+            udp_drops: core_node::udp_socket_drops(sink_port).unwrap_or(0),
             bytes: counts.bytes,
         })
     };
@@ -426,6 +428,8 @@ async fn run_quinn_peer(
         bytes: end.bytes - start.bytes,
         cpu_seconds: end.sink_cpu - start.sink_cpu,
         loadgen_cpu_seconds: end.loadgen_cpu - start.loadgen_cpu,
+        machine_cpu_seconds: end.machine_cpu - start.machine_cpu,
+        udp_drops: end.udp_drops.saturating_sub(start.udp_drops),
         path_mtu: *counters.path_mtu.lock().unwrap_or_else(|p| p.into_inner()),
         quic_packets: (counters.quic_packets.load(Relaxed), counters.quic_lost.load(Relaxed)),
         exit: Some(exit),
@@ -452,6 +456,10 @@ pub struct QuinnPeerFigures {
     pub cpu_seconds: f64,
     /// loadgen's CPU seconds in it: the edges.
     pub loadgen_cpu_seconds: f64,
+    /// The whole machine's busy CPU seconds in it (other load shows as the rest).
+    pub machine_cpu_seconds: f64,
+    /// Datagrams the kernel dropped at the sink's socket in it (receive buffer full).
+    pub udp_drops: u64,
     /// Path MTU the edges' connections ended with: lowest, highest.
     pub path_mtu: Option<(u16, u16)>,
     /// QUIC packets the edges sent, and of those quinn declared lost (whole peer run).
@@ -480,6 +488,8 @@ struct PeerSample {
     at: Instant,
     sink_cpu: f64,
     loadgen_cpu: f64,
+    machine_cpu: f64,
+    udp_drops: u64,
     bytes: u64,
 }
 
@@ -796,14 +806,20 @@ impl Report {
                     ),
                 ),
                 (
+                    "quinn peer: CPU s, other processes (machine busy − the above)",
+                    format!("{:.2}", (q.machine_cpu_seconds - q.cpu_seconds - q.loadgen_cpu_seconds).max(0.0)),
+                ),
+                (
                     "quinn peer: path MTU at the end, lowest / highest edge; packets sent, lost",
                     format!(
-                        "{}; {}, {}",
+                        "{}; {}, {} ({:.2}%)",
                         q.path_mtu.map_or("–".into(), |(lo, hi)| format!("{lo} / {hi}")),
                         q.quic_packets.0,
-                        q.quic_packets.1
+                        q.quic_packets.1,
+                        100.0 * q.quic_packets.1 as f64 / q.quic_packets.0.max(1) as f64
                     ),
                 ),
+                ("quinn peer: UDP datagrams dropped at its socket (receive buffer full)", q.udp_drops.to_string()),
                 ("core CPU per GB / quinn peer CPU per GB", format!("{ratio:.3}")),
             ]);
         }
@@ -934,6 +950,8 @@ mod tests {
                 bytes: 40_000_000,
                 cpu_seconds: 0.02,
                 loadgen_cpu_seconds: 1.0,
+                machine_cpu_seconds: 1.5,
+                udp_drops: 0,
                 path_mtu: Some((1452, 1452)),
                 quic_packets: (30_000, 0),
                 exit: Some(ExitStatus::from_raw(0)),
@@ -962,6 +980,7 @@ mod tests {
         assert!(text.contains("| quinn peer: CPU s (core-seconds per GB) | 0.02 (0.500) |"), "{text}");
         assert!(text.contains("| core CPU per GB / quinn peer CPU per GB | 2.000 |"), "{text}");
         assert!(text.contains("MB/s over QUIC | 20.0 in 2.000 s |"), "{text}");
+        assert!(text.contains("| quinn peer: CPU s, other processes (machine busy − the above) | 0.48 |"), "{text}");
         assert!(
             text.contains(" quinn_peer_mb_per_s=20.00 quinn_peer_cpu_s_per_gb=0.5000 core_to_quinn_cpu_ratio=2.0000\n"),
             "{text}"

@@ -22,7 +22,9 @@
 //!   BATCH frames round and round, with no session, window or ACK (QUIC's flow control paces
 //!   them), for the same `--seconds`. Its CPU seconds per GB of stream bytes read is what quinn
 //!   alone costs a receiver; the core's figure over it says how much the core adds on top.
-//!   `--no-quinn-peer` skips it.
+//!   `--no-quinn-peer` skips it. Unpaced, it runs as fast as QUIC and the two processes allow,
+//!   often faster than the core; `--quinn-peer-paced` caps it at the core's MB/s, so both
+//!   figures are at one rate.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,10 @@ pub struct CoreIngestArgs {
     /// Skip the quinn peer (a bare quinn receiver fed by the same edges, for CPU per GB).
     #[arg(long)]
     pub no_quinn_peer: bool,
+    /// Pace the quinn peer's edges to the MB/s the core acknowledged, so both receivers are
+    /// measured at one rate [default: unpaced, QUIC's flow control alone].
+    #[arg(long, conflicts_with = "no_quinn_peer")]
+    pub quinn_peer_paced: bool,
 }
 
 /// Runs the scenario and prints its figures; returns the checks that failed.
@@ -216,7 +222,9 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
     let quinn_peer = if args.no_quinn_peer {
         None
     } else {
-        Some(run_quinn_peer(&args, &dir, &pki, &certs, &pools, mtu, clock).await?)
+        // The core's rate, edge by edge (batch bytes; the peer's frames add 5 bytes each).
+        let pace = args.quinn_peer_paced.then(|| window.wire_mb_per_second() * 1e6 / args.edges as f64);
+        Some(run_quinn_peer(&args, &dir, &pki, &certs, &pools, mtu, pace, clock).await?)
     };
 
     let report = Report {
@@ -318,8 +326,9 @@ async fn run_disk_peer(
 }
 
 /// The quinn peer: `loadgen quic-sink` in its own process, `args.edges` edges writing the same
-/// batches to it for `args.seconds` once all are connected; its CPU and the bytes it read are
-/// sampled at both ends of that clock.
+/// batches to it for `args.seconds` once all are connected (each at most `pace` bytes/s, if
+/// given); its CPU and the bytes it read are sampled at both ends of that clock.
+#[allow(clippy::too_many_arguments)] // the run's own pieces, each named
 async fn run_quinn_peer(
     args: &CoreIngestArgs,
     dir: &Path,
@@ -327,6 +336,7 @@ async fn run_quinn_peer(
     certs: &[core_node::EdgeCert],
     pools: &[Vec<PooledBatch>],
     mtu: shared::quic::Mtu,
+    pace: Option<f64>,
     clock: CpuClock,
 ) -> anyhow::Result<QuinnPeerFigures> {
     let exe = std::env::current_exe().context("locating the loadgen executable for the quinn peer")?;
@@ -375,7 +385,7 @@ async fn run_quinn_peer(
     let (stop_tx, stop) = watch::channel(false);
     let mut running = JoinSet::new();
     for edge in edges {
-        running.spawn(edge.run_raw(counters.clone(), go.clone(), stop.clone()));
+        running.spawn(edge.run_raw(pace, counters.clone(), go.clone(), stop.clone()));
     }
     let (sink_pid, sink_port) = (sink.pid(), sink.listen.port());
     let sample = |sink: &mut SinkProc| -> anyhow::Result<PeerSample> {
@@ -432,6 +442,7 @@ async fn run_quinn_peer(
         udp_drops: end.udp_drops.saturating_sub(start.udp_drops),
         path_mtu: *counters.path_mtu.lock().unwrap_or_else(|p| p.into_inner()),
         quic_packets: (counters.quic_packets.load(Relaxed), counters.quic_lost.load(Relaxed)),
+        paced_mb_per_second: pace.map(|p| p * args.edges as f64 / 1e6),
         exit: Some(exit),
         errors,
     };
@@ -464,6 +475,8 @@ pub struct QuinnPeerFigures {
     pub path_mtu: Option<(u16, u16)>,
     /// QUIC packets the edges sent, and of those quinn declared lost (whole peer run).
     pub quic_packets: (u64, u64),
+    /// The rate the edges were paced to, all together (`--quinn-peer-paced`), MB/s.
+    pub paced_mb_per_second: Option<f64>,
     /// The sink's exit status once its stdin closed.
     pub exit: Option<ExitStatus>,
     /// Edges that failed, and why.
@@ -791,7 +804,12 @@ impl Report {
             rows.extend([
                 (
                     "quinn peer (bare quinn receiver, same edges and packets): MB/s over QUIC",
-                    format!("{:.1} in {:.3} s", q.mb_per_second(), q.seconds),
+                    format!(
+                        "{:.1} in {:.3} s ({})",
+                        q.mb_per_second(),
+                        q.seconds,
+                        q.paced_mb_per_second.map_or("unpaced".into(), |r| format!("paced to {r:.1}"))
+                    ),
                 ),
                 (
                     "quinn peer: CPU s (core-seconds per GB)",
@@ -954,6 +972,7 @@ mod tests {
                 udp_drops: 0,
                 path_mtu: Some((1452, 1452)),
                 quic_packets: (30_000, 0),
+                paced_mb_per_second: None,
                 exit: Some(ExitStatus::from_raw(0)),
                 errors: Vec::new(),
             }),
@@ -979,7 +998,7 @@ mod tests {
         // The quinn peer: 0.02 CPU s for 0.04 GB is 0.5 per GB; the core's 1.0 is twice that.
         assert!(text.contains("| quinn peer: CPU s (core-seconds per GB) | 0.02 (0.500) |"), "{text}");
         assert!(text.contains("| core CPU per GB / quinn peer CPU per GB | 2.000 |"), "{text}");
-        assert!(text.contains("MB/s over QUIC | 20.0 in 2.000 s |"), "{text}");
+        assert!(text.contains("MB/s over QUIC | 20.0 in 2.000 s (unpaced) |"), "{text}");
         assert!(text.contains("| quinn peer: CPU s, other processes (machine busy − the above) | 0.48 |"), "{text}");
         assert!(
             text.contains(" quinn_peer_mb_per_s=20.00 quinn_peer_cpu_s_per_gb=0.5000 core_to_quinn_cpu_ratio=2.0000\n"),

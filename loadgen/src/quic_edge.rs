@@ -370,23 +370,33 @@ impl SimEdge {
 impl RawEdge {
     /// From the moment `go` turns true until `stop` does, writes the pool's BATCH frames round
     /// and round on its stream, each exactly as [`SimEdge::run`] sends it (`base_seq`
-    /// following on), with no window: QUIC's flow and congestion control pace it. Counts
-    /// frames and batch bytes written in `counters` (`sent_batches`, `sent_bytes`) and the
-    /// connection's packets and path MTU; then closes the connection without waiting for the
-    /// receiver to read what is still in flight.
+    /// following on), with no window: QUIC's flow and congestion control pace it, and
+    /// `bytes_per_second`, if given, caps its mean rate (a frame waits until the bytes before
+    /// it are due). Counts frames and batch bytes written in `counters` (`sent_batches`,
+    /// `sent_bytes`) and the connection's packets and path MTU; then closes the connection
+    /// without waiting for the receiver to read what is still in flight.
     pub async fn run_raw(
         self,
+        bytes_per_second: Option<f64>,
         counters: Arc<EdgeCounters>,
         mut go: watch::Receiver<bool>,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let RawEdge { id, _endpoint, conn, mut send, _recv, pool } = self;
         let _ = go.wait_for(|g| *g).await;
+        let started = tokio::time::Instant::now();
         let sent = async {
-            let mut next_seq = 0u64;
+            let (mut next_seq, mut written) = (0u64, 0u64);
             for b in pool.iter().cycle() {
                 if *stop.borrow() {
                     break;
+                }
+                if let Some(rate) = bytes_per_second.filter(|r| *r > 0.0) {
+                    let due = started + Duration::from_secs_f64(written as f64 / rate);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = stop.changed() => break,
+                    }
                 }
                 let frame = with_base_seq(b, next_seq);
                 tokio::select! {
@@ -396,6 +406,7 @@ impl RawEdge {
                 counters.sent_batches.fetch_add(1, Relaxed);
                 counters.sent_bytes.fetch_add(b.batch_bytes(), Relaxed);
                 next_seq += u64::from(b.records);
+                written += b.batch_bytes();
             }
             Ok::<_, anyhow::Error>(())
         }

@@ -60,6 +60,28 @@ fn without_the_quinn_peer_the_result_line_leaves_its_figures_out() {
 }
 
 #[test]
+fn a_paced_quinn_peer_says_so_and_reads_bytes() {
+    let core = sibling_bin("core-ingest");
+    let core = core.to_str().expect("a UTF-8 path");
+    let stdout = run_ok(&[
+        "core-ingest",
+        "--edges",
+        "2",
+        "--seconds",
+        "1",
+        "--pool-batches",
+        "1",
+        "--quinn-peer-paced",
+        "--core-bin",
+        core,
+    ]);
+    let r = ResultLine::of(&stdout);
+    let mb_s: f64 = r.str("quinn_peer_mb_per_s").parse().unwrap();
+    assert!(mb_s > 0.0, "{r:?}");
+    assert!(stdout.contains(" (paced to "), "{stdout}");
+}
+
+#[test]
 fn quic_sink_is_hidden_answers_its_counts_and_exits_when_stdin_closes() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);

@@ -11,9 +11,20 @@
 //! stop, wait for their last ACKs and close; the core's counters must match what was sent,
 //! with no duplicate; SIGTERM (exit 0) and `core-ingest log verify` (exit 0, every batch there).
 //!
-//! The peer, in the same run once the core has stopped: the disk's own rate for appending the
-//! same batch bytes with `std::fs` and `sync_data` once per as many batches as the core's
-//! rounds averaged ([`crate::disk_peer`]).
+//! Two peers, in the same run once the core has stopped:
+//!
+//! - the disk's own rate for appending the same batch bytes with `std::fs` and `sync_data`
+//!   once per as many batches as the core's rounds averaged ([`crate::disk_peer`]);
+//! - the quinn peer: a bare quinn receiver in its own process (`loadgen quic-sink`,
+//!   [`crate::quic_sink`]) with the core's endpoint, transport, mTLS and UDP buffer settings,
+//!   that reads every stream and discards the data. The same number of edges connect to it
+//!   with the same certificates and packet sizes ([`SimEdge::connect_raw`]) and write the same
+//!   BATCH frames round and round, with no session, window or ACK (QUIC's flow control paces
+//!   them), for the same `--seconds`. Its CPU seconds per GB of stream bytes read is what quinn
+//!   alone costs a receiver; the core's figure over it says how much the core adds on top.
+//!   `--no-quinn-peer` skips it. Unpaced, it runs as fast as QUIC and the two processes allow,
+//!   often faster than the core; `--quinn-peer-paced` caps it at the core's MB/s, so both
+//!   figures are at one rate.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -32,11 +43,14 @@ use crate::disk_peer::{self, DiskPeerFigures};
 use crate::process::{self, CpuClock};
 use crate::progress::{Goal, Progress};
 use crate::quic_edge::{self, EdgeCounters, EdgeTotals, PooledBatch, STREAM, SimEdge};
+use crate::quic_sink::{self, SinkProc};
 
 /// The issue's target: CPU core-seconds of the core per GB (10^9 bytes) carried over QUIC.
 pub const TARGET_CPU_SECONDS_PER_GB: f64 = 1.3;
 /// How often the core is checked to be alive while the clock runs.
 const ALIVE_POLL: Duration = Duration::from_millis(500);
+/// Bound on the quinn peer's start, on every edge's connection to it, and on its exit.
+const QUINN_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `loadgen core-ingest` options.
 #[derive(Debug, Args)]
@@ -78,6 +92,13 @@ pub struct CoreIngestArgs {
     /// Keep the temp dir (certificates, config, the core's log and data) and print where it is.
     #[arg(long)]
     pub keep: bool,
+    /// Skip the quinn peer (a bare quinn receiver fed by the same edges, for CPU per GB).
+    #[arg(long)]
+    pub no_quinn_peer: bool,
+    /// Pace the quinn peer's edges to the MB/s the core acknowledged, so both receivers are
+    /// measured at one rate [default: unpaced, QUIC's flow control alone].
+    #[arg(long, conflicts_with = "no_quinn_peer")]
+    pub quinn_peer_paced: bool,
 }
 
 /// Runs the scenario and prints its figures; returns the checks that failed.
@@ -198,6 +219,13 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
     let batches_per_round = window.batches_stored as f64 / window.group_commits.max(1) as f64;
     let peer =
         run_disk_peer(&dir, &pools, window.batches_stored.max(1), batches_per_round, args.seconds, clock).await?;
+    let quinn_peer = if args.no_quinn_peer {
+        None
+    } else {
+        // The core's rate, edge by edge (batch bytes; the peer's frames add 5 bytes each).
+        let pace = args.quinn_peer_paced.then(|| window.wire_mb_per_second() * 1e6 / args.edges as f64);
+        Some(run_quinn_peer(&args, &dir, &pki, &certs, &pools, mtu, pace, clock).await?)
+    };
 
     let report = Report {
         edges: args.edges,
@@ -218,6 +246,7 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
         verify_counts: verified_counts(&verify_output, STREAM),
         verify_output,
         peer,
+        quinn_peer,
         edge_errors,
     };
     println!("== loadgen core-ingest");
@@ -294,6 +323,187 @@ async fn run_disk_peer(
     .context("the disk peer task")??;
     f.cpu_seconds = clock.cpu_seconds(None)? - cpu0;
     Ok(f)
+}
+
+/// The quinn peer: `loadgen quic-sink` in its own process, `args.edges` edges writing the same
+/// batches to it for `args.seconds` once all are connected (each at most `pace` bytes/s, if
+/// given); its CPU and the bytes it read are sampled at both ends of that clock.
+#[allow(clippy::too_many_arguments)] // the run's own pieces, each named
+async fn run_quinn_peer(
+    args: &CoreIngestArgs,
+    dir: &Path,
+    pki: &Pki,
+    certs: &[core_node::EdgeCert],
+    pools: &[Vec<PooledBatch>],
+    mtu: shared::quic::Mtu,
+    pace: Option<f64>,
+    clock: CpuClock,
+) -> anyhow::Result<QuinnPeerFigures> {
+    let exe = std::env::current_exe().context("locating the loadgen executable for the quinn peer")?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("quic-sink")
+        .arg("--ca")
+        .arg(pki.ca_file())
+        .arg("--cert")
+        .arg(pki.server_cert_file())
+        .arg("--key")
+        .arg(pki.server_key_file())
+        .args(["--mtu-min", &mtu.min.to_string(), "--mtu-max", &mtu.max.to_string()])
+        .args(["--udp-buffer-bytes", &args.udp_buffer_bytes.unwrap_or(quic_sink::UDP_BUFFER_BYTES).to_string()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let log = dir.join("quic-sink.log");
+    let mut sink = tokio::task::block_in_place(|| SinkProc::start(command, &log))?;
+    tracing::info!(pid = sink.pid(), listen = %sink.listen, "quinn peer (quic-sink) ready");
+
+    let mut connecting = JoinSet::new();
+    for (cert, pool) in certs.iter().zip(pools) {
+        let (listen, cert, pool) = (sink.listen, cert.clone(), pool.clone());
+        connecting.spawn(async move { SimEdge::connect_raw(listen, &cert, pool, mtu).await });
+    }
+    let mut edges = Vec::new();
+    while let Some(r) = connecting.join_next().await {
+        edges.push(r.context("an edge's connect task (quinn peer)")??);
+    }
+    // The sink counts a connection once the client's last handshake flight reaches it.
+    let deadline = Instant::now() + QUINN_PEER_TIMEOUT;
+    loop {
+        let seen = tokio::task::block_in_place(|| sink.counts())?.connections;
+        if seen == args.edges {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the quinn peer counts {seen} connections, not {}, after {QUINN_PEER_TIMEOUT:?}", args.edges);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(edges = edges.len(), "every edge connected to the quinn peer");
+
+    let counters = Arc::new(EdgeCounters::default());
+    let (go_tx, go) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(false);
+    let mut running = JoinSet::new();
+    for edge in edges {
+        running.spawn(edge.run_raw(pace, counters.clone(), go.clone(), stop.clone()));
+    }
+    let (sink_pid, sink_port) = (sink.pid(), sink.listen.port());
+    let sample = |sink: &mut SinkProc| -> anyhow::Result<PeerSample> {
+        let counts = tokio::task::block_in_place(|| sink.counts())?;
+        Ok(PeerSample {
+            at: Instant::now(),
+            sink_cpu: clock.cpu_seconds(Some(sink_pid))?,
+            loadgen_cpu: clock.cpu_seconds(None)?,
+            machine_cpu: process::machine_busy_seconds(clock)?,
+            udp_drops: core_node::udp_socket_drops(sink_port).unwrap_or(0),
+            bytes: counts.bytes,
+        })
+    };
+    let start = sample(&mut sink)?;
+    go_tx.send_replace(true);
+    let deadline = start.at + Duration::from_secs(args.seconds);
+    let progress = {
+        let counters = counters.clone();
+        Progress::start("quinn peer", Goal::Time(Duration::from_secs(args.seconds)), "batches sent", move || {
+            counters.sent_batches.load(Relaxed)
+        })
+    };
+    let mut ended = Vec::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(ALIVE_POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        sink.check_alive()?;
+        if let Some(r) = running.try_join_next() {
+            // An edge ended before the clock did: it failed.
+            ended.push(r);
+            break;
+        }
+    }
+    progress.finish();
+    let end = sample(&mut sink)?;
+    stop_tx.send_replace(true);
+    while let Some(r) = running.join_next().await {
+        ended.push(r);
+    }
+    let mut errors = Vec::new();
+    for r in ended {
+        if let Err(e) = r.context("an edge's task (quinn peer)")? {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    let exit = tokio::task::spawn_blocking(move || sink.stop(QUINN_PEER_TIMEOUT))
+        .await
+        .context("the quinn peer's stop task")??;
+    let figures = QuinnPeerFigures {
+        seconds: (end.at - start.at).as_secs_f64(),
+        bytes: end.bytes - start.bytes,
+        cpu_seconds: end.sink_cpu - start.sink_cpu,
+        loadgen_cpu_seconds: end.loadgen_cpu - start.loadgen_cpu,
+        machine_cpu_seconds: end.machine_cpu - start.machine_cpu,
+        udp_drops: end.udp_drops.saturating_sub(start.udp_drops),
+        path_mtu: *counters.path_mtu.lock().unwrap_or_else(|p| p.into_inner()),
+        quic_packets: (counters.quic_packets.load(Relaxed), counters.quic_lost.load(Relaxed)),
+        paced_mb_per_second: pace.map(|p| p * args.edges as f64 / 1e6),
+        exit: Some(exit),
+        errors,
+    };
+    tracing::info!(
+        mb_per_s = format!("{:.1}", figures.mb_per_second()),
+        cpu_s_per_gb = format!("{:.3}", figures.cpu_seconds_per_gb()),
+        %exit,
+        "quinn peer done"
+    );
+    Ok(figures)
+}
+
+/// What the quinn peer did while its clock ran.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuinnPeerFigures {
+    /// The clocked window, seconds.
+    pub seconds: f64,
+    /// Stream bytes the sink read in it (the BATCH frames, 5 bytes of frame header more per
+    /// batch than the batch bytes the core's figures count).
+    pub bytes: u64,
+    /// The sink's CPU seconds in it.
+    pub cpu_seconds: f64,
+    /// loadgen's CPU seconds in it: the edges.
+    pub loadgen_cpu_seconds: f64,
+    /// The whole machine's busy CPU seconds in it (other load shows as the rest).
+    pub machine_cpu_seconds: f64,
+    /// Datagrams the kernel dropped at the sink's socket in it (receive buffer full).
+    pub udp_drops: u64,
+    /// Path MTU the edges' connections ended with: lowest, highest.
+    pub path_mtu: Option<(u16, u16)>,
+    /// QUIC packets the edges sent, and of those quinn declared lost (whole peer run).
+    pub quic_packets: (u64, u64),
+    /// The rate the edges were paced to, all together (`--quinn-peer-paced`), MB/s.
+    pub paced_mb_per_second: Option<f64>,
+    /// The sink's exit status once its stdin closed.
+    pub exit: Option<ExitStatus>,
+    /// Edges that failed, and why.
+    pub errors: Vec<String>,
+}
+
+impl QuinnPeerFigures {
+    /// Stream bytes read per second, MB (10^6).
+    pub fn mb_per_second(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+
+    /// The sink's CPU core-seconds per GB (10^9) of stream bytes read.
+    pub fn cpu_seconds_per_gb(&self) -> f64 {
+        self.cpu_seconds / (self.bytes as f64 / 1e9).max(1e-12)
+    }
+}
+
+/// One end of the quinn peer's clock.
+#[derive(Clone, Copy, Debug)]
+struct PeerSample {
+    at: Instant,
+    sink_cpu: f64,
+    loadgen_cpu: f64,
+    machine_cpu: f64,
+    udp_drops: u64,
+    bytes: u64,
 }
 
 /// Everything read at one end of the clock.
@@ -436,6 +646,8 @@ pub struct Report {
     pub verify_output: String,
     /// The disk peer.
     pub peer: DiskPeerFigures,
+    /// The quinn peer, unless `--no-quinn-peer`.
+    pub quinn_peer: Option<QuinnPeerFigures>,
     /// Edges that failed, and why.
     pub edge_errors: Vec<String>,
 }
@@ -447,7 +659,14 @@ impl Report {
         core / self.peer.mb_per_second().max(1e-9)
     }
 
-    /// Checks that failed: an edge error, a batch not stored exactly once, a bad exit.
+    /// The core's CPU per GB over the quinn peer's, if it ran.
+    pub fn core_to_quinn_cpu_ratio(&self) -> Option<f64> {
+        let q = self.quinn_peer.as_ref()?;
+        Some(self.window.core_cpu_seconds_per_gb() / q.cpu_seconds_per_gb().max(1e-12))
+    }
+
+    /// Checks that failed: an edge error, a batch not stored exactly once, a bad exit, a quinn
+    /// peer that failed or read nothing.
     pub fn failures(&self) -> Vec<String> {
         let (t, c) = (&self.total, &self.core_after);
         let mut f: Vec<String> = self.edge_errors.iter().map(|e| format!("edge: {e}")).collect();
@@ -475,6 +694,15 @@ impl Report {
         if t.sent_batches == 0 {
             f.push("no batch was sent".into());
         }
+        if let Some(q) = &self.quinn_peer {
+            f.extend(q.errors.iter().map(|e| format!("quinn peer edge: {e}")));
+            if let Some(exit) = q.exit.filter(|e| !e.success()) {
+                f.push(format!("the quinn peer (loadgen quic-sink) exited with {exit}"));
+            }
+            if q.bytes == 0 {
+                f.push("the quinn peer read no byte in its window".into());
+            }
+        }
         f
     }
 
@@ -486,7 +714,7 @@ impl Report {
         let gb = e.acked_bytes as f64 / 1e9;
         let ms = |s: f64| format!("{:.1}", s * 1e3);
         let other = (w.machine_cpu_seconds - w.core_cpu_seconds - w.loadgen_cpu_seconds).max(0.0);
-        let rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&str, String)> = vec![
             ("clocked window, s", format!("{:.3}", w.seconds)),
             ("batches acked durable (sent)", format!("{} ({})", e.acked_batches, e.sent_batches)),
             ("batches/s acked durable", format!("{:.0}", per_s(e.acked_batches))),
@@ -571,6 +799,48 @@ impl Report {
             ),
             ("core MB/s stored / disk peer MB/s", format!("{:.3}", self.disk_ratio())),
         ];
+        if let Some(q) = &self.quinn_peer {
+            let ratio = self.core_to_quinn_cpu_ratio().unwrap_or(0.0);
+            rows.extend([
+                (
+                    "quinn peer (bare quinn receiver, same edges and packets): MB/s over QUIC",
+                    format!(
+                        "{:.1} in {:.3} s ({})",
+                        q.mb_per_second(),
+                        q.seconds,
+                        q.paced_mb_per_second.map_or("unpaced".into(), |r| format!("paced to {r:.1}"))
+                    ),
+                ),
+                (
+                    "quinn peer: CPU s (core-seconds per GB)",
+                    format!("{:.2} ({:.3})", q.cpu_seconds, q.cpu_seconds_per_gb()),
+                ),
+                (
+                    "quinn peer: CPU s, loadgen: the edges (core-seconds per GB)",
+                    format!(
+                        "{:.2} ({:.3})",
+                        q.loadgen_cpu_seconds,
+                        q.loadgen_cpu_seconds / (q.bytes as f64 / 1e9).max(1e-12)
+                    ),
+                ),
+                (
+                    "quinn peer: CPU s, other processes (machine busy − the above)",
+                    format!("{:.2}", (q.machine_cpu_seconds - q.cpu_seconds - q.loadgen_cpu_seconds).max(0.0)),
+                ),
+                (
+                    "quinn peer: path MTU at the end, lowest / highest edge; packets sent, lost",
+                    format!(
+                        "{}; {}, {} ({:.2}%)",
+                        q.path_mtu.map_or("–".into(), |(lo, hi)| format!("{lo} / {hi}")),
+                        q.quic_packets.0,
+                        q.quic_packets.1,
+                        100.0 * q.quic_packets.1 as f64 / q.quic_packets.0.max(1) as f64
+                    ),
+                ),
+                ("quinn peer: UDP datagrams dropped at its socket (receive buffer full)", q.udp_drops.to_string()),
+                ("core CPU per GB / quinn peer CPU per GB", format!("{ratio:.3}")),
+            ]);
+        }
         let mut out = String::new();
         let _ = writeln!(out, "| figure | core-ingest, {} edges, {} partitions |", self.edges, self.partitions);
         let _ = writeln!(out, "|---|---:|");
@@ -583,11 +853,25 @@ impl Report {
             out,
             "\ncore CPU per GB over QUIC: {cpu:.3} core-s (target ≤ {TARGET_CPU_SECONDS_PER_GB}: {verdict})"
         );
+        let mut quinn_fields = String::new();
+        if let (Some(q), Some(ratio)) = (&self.quinn_peer, self.core_to_quinn_cpu_ratio()) {
+            let q_cpu = q.cpu_seconds_per_gb();
+            let within = if q_cpu <= TARGET_CPU_SECONDS_PER_GB { "within" } else { "above" };
+            let _ = writeln!(
+                out,
+                "bare quinn receiver, same edges and packets: {q_cpu:.3} core-s per GB ({within} the target); \
+                 the core spends {ratio:.2}× that"
+            );
+            quinn_fields = format!(
+                " quinn_peer_mb_per_s={:.2} quinn_peer_cpu_s_per_gb={q_cpu:.4} core_to_quinn_cpu_ratio={ratio:.4}",
+                q.mb_per_second()
+            );
+        }
         let _ = writeln!(
             out,
             "RESULT edges={} sent={} acked={} stored={} duplicates={} conflicts={} refused={} verified_batches={} \
              verified_records={} acked_records={} core_exit={} log_verify_exit={} batches_per_s={:.0} wire_mb_per_s={:.2} \
-             core_cpu_s_per_gb={cpu:.4} batches_per_round={:.2} disk_ratio={:.4}",
+             core_cpu_s_per_gb={cpu:.4} batches_per_round={:.2} disk_ratio={:.4}{quinn_fields}",
             self.edges,
             self.total.sent_batches,
             self.total.acked_batches,
@@ -679,6 +963,19 @@ mod tests {
                 seconds: 1.0,
                 cpu_seconds: 0.1,
             },
+            quinn_peer: Some(QuinnPeerFigures {
+                seconds: 2.0,
+                bytes: 40_000_000,
+                cpu_seconds: 0.02,
+                loadgen_cpu_seconds: 1.0,
+                machine_cpu_seconds: 1.5,
+                udp_drops: 0,
+                path_mtu: Some((1452, 1452)),
+                quic_packets: (30_000, 0),
+                paced_mb_per_second: None,
+                exit: Some(ExitStatus::from_raw(0)),
+                errors: Vec::new(),
+            }),
             edge_errors: Vec::new(),
         }
     }
@@ -698,6 +995,40 @@ mod tests {
             text.contains("RESULT edges=10 sent=1000 acked=1000 stored=1000 duplicates=0 conflicts=0 refused=0"),
             "{text}"
         );
+        // The quinn peer: 0.02 CPU s for 0.04 GB is 0.5 per GB; the core's 1.0 is twice that.
+        assert!(text.contains("| quinn peer: CPU s (core-seconds per GB) | 0.02 (0.500) |"), "{text}");
+        assert!(text.contains("| core CPU per GB / quinn peer CPU per GB | 2.000 |"), "{text}");
+        assert!(text.contains("MB/s over QUIC | 20.0 in 2.000 s (unpaced) |"), "{text}");
+        assert!(text.contains("| quinn peer: CPU s, other processes (machine busy − the above) | 0.48 |"), "{text}");
+        assert!(
+            text.contains(" quinn_peer_mb_per_s=20.00 quinn_peer_cpu_s_per_gb=0.5000 core_to_quinn_cpu_ratio=2.0000\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_the_quinn_peer_its_rows_and_fields_are_left_out() {
+        let mut r = report();
+        r.quinn_peer = None;
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+        assert_eq!(r.core_to_quinn_cpu_ratio(), None);
+        let text = r.render();
+        assert!(!text.contains("quinn"), "{text}");
+        assert!(text.contains("disk_ratio=0.5000\n"), "{text}");
+    }
+
+    #[test]
+    fn a_quinn_peer_that_failed_or_read_nothing_is_a_failure() {
+        let mut r = report();
+        let q = r.quinn_peer.as_mut().unwrap();
+        q.bytes = 0;
+        q.exit = Some(ExitStatus::from_raw(1 << 8));
+        q.errors.push("loadgen-edge-0001: sending to the QUIC sink: boom".into());
+        let f = r.failures();
+        assert_eq!(f.len(), 3, "{f:?}");
+        assert!(f[0].starts_with("quinn peer edge: loadgen-edge-0001"), "{f:?}");
+        assert!(f[1].contains("quic-sink) exited with exit status: 1"), "{f:?}");
+        assert!(f[2].contains("read no byte"), "{f:?}");
     }
 
     #[test]

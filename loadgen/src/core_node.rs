@@ -69,6 +69,16 @@ impl Pki {
         self.dir.join("ca.pem")
     }
 
+    /// `server.pem`: the server certificate, for `localhost` and `127.0.0.1`.
+    pub fn server_cert_file(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+
+    /// `server.key`: its private key.
+    pub fn server_key_file(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+
     /// Issues a client certificate with CommonName `id`, written to `edges/<id>.pem` and `.key`.
     pub fn issue_edge(&self, id: &str) -> anyhow::Result<EdgeCert> {
         let (cert_pem, key_pem) = shared::tls::issue_edge_cert(&self.ca_cert, &self.ca_key, id, CERT_DAYS)?;
@@ -121,8 +131,8 @@ key_file = "{key}"
         mtu_max = s.mtu.max,
         udp_buffer = s.udp_buffer_bytes.map_or(String::new(), |b| format!("udp_buffer_bytes = \"{b}B\"\n")),
         ca = pki.ca_file().display(),
-        cert = pki.dir.join("server.pem").display(),
-        key = pki.dir.join("server.key").display(),
+        cert = pki.server_cert_file().display(),
+        key = pki.server_key_file().display(),
     )
 }
 

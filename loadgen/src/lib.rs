@@ -21,7 +21,10 @@
 //! - [`e2e_latency`]: `loadgen e2e-latency`, paced MQTT publishers → Mosquitto → edge-agent →
 //!   QUIC → core-ingest: publish-to-durable latency at a target rate.
 //! - [`core_node`]: the `core-ingest` process, its config and metrics, and the scenario's private CA.
-//! - [`quic_edge`]: simulated edges speaking the wire protocol with pre-encoded batches.
+//! - [`quic_edge`]: simulated edges speaking the wire protocol with pre-encoded batches, or
+//!   sending the same bytes to a bare quinn receiver.
+//! - [`quic_sink`]: `loadgen quic-sink` (hidden), that bare quinn receiver: the peer of
+//!   `core-ingest` for CPU per GB over QUIC.
 //! - [`forwarding_agent`]: an `edge-agent` process that forwards to a core.
 //! - [`paced`]: QoS 1 publishers paced by a token schedule.
 //! - [`disk_peer`]: the disk's own append + `sync_data` rate for the same bytes.
@@ -59,6 +62,7 @@ pub mod process;
 pub mod progress;
 pub mod prom;
 pub mod quic_edge;
+pub mod quic_sink;
 pub mod quickstart;
 pub mod report;
 pub mod trace;

@@ -11,6 +11,7 @@ use loadgen::e2e_latency::{self, E2eLatencyArgs};
 use loadgen::listen_ingest::{self, ListenIngestArgs};
 use loadgen::mqtt_ingest::{self, MqttIngestArgs};
 use loadgen::outage::{self, OutageArgs};
+use loadgen::quic_sink::{self, QuicSinkArgs};
 use loadgen::quickstart::{self, QuickstartArgs};
 use loadgen::verify::{self, VerifyArgs};
 use loadgen::wan::{self, WanArgs};
@@ -63,6 +64,10 @@ enum Command {
     /// Devices publishing straight to edge-agent (listen mode) vs Mosquitto's own publish →
     /// subscriber rate; PUBACK latency at half the agent's rate; the agent's idle RSS.
     ListenIngest(ListenIngestArgs),
+    /// A bare quinn receiver that reads and discards stream data: the peer `core-ingest`
+    /// measures beside the core (its CPU per GB carried over QUIC).
+    #[command(hide = true)]
+    QuicSink(QuicSinkArgs),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +119,8 @@ fn main() -> ExitCode {
                 r = listen_ingest::run(args) => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             },
+            // Ends when its stdin closes; the parent kills it by PID otherwise.
+            Command::QuicSink(args) => quic_sink::run(args).await,
         }
     });
     match outcome {

@@ -6,7 +6,7 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -39,6 +39,50 @@ impl Proc {
         Ok(Proc { name, child: Some(child), log_path: log_path.to_path_buf() })
     }
 
+    /// Starts `command` with its stdin and stdout piped to this process and its stderr
+    /// appended to `log_path`: a child driven line by line (`loadgen quic-sink`).
+    pub fn spawn_piped(
+        name: &'static str,
+        mut command: Command,
+        log_path: &Path,
+    ) -> anyhow::Result<(Proc, ChildStdin, ChildStdout)> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+        let proc = Proc { name, child: Some(child), log_path: log_path.to_path_buf() };
+        match (stdin, stdout) {
+            (Some(i), Some(o)) => Ok((proc, i, o)),
+            // Not reached: both were asked for. Dropping `proc` kills the child.
+            _ => bail!("{name}: no stdin or stdout pipe"),
+        }
+    }
+
+    /// Waits up to `timeout` for it to exit by itself; SIGKILL after that (an error).
+    pub fn wait(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().expect("a Proc holds its child until terminate, wait or drop");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().with_context(|| format!("waiting for {}", self.name))? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not exit within {timeout:?}\n{}", self.name, self.log_tail(30));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -51,7 +95,7 @@ impl Proc {
 
     /// SIGTERM, then waits up to `timeout` for it to exit; SIGKILL after that (an error).
     pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let mut child = self.child.take().expect("a Proc holds its child until terminate or drop");
+        let mut child = self.child.take().expect("a Proc holds its child until terminate, wait or drop");
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }

@@ -1,7 +1,9 @@
 //! Simulated edges speaking the wire protocol to a core node (DESIGN §4): each one a QUIC
 //! connection of its own (own UDP socket, own client certificate, CommonName = its id), HELLO →
 //! WELCOME on the control stream, then one data stream (`OPEN cdr live`) carrying BATCH frames
-//! within a window of unacknowledged bytes, counting the core's ACKs.
+//! within a window of unacknowledged bytes, counting the core's ACKs. Or, as a [`RawEdge`], the
+//! same connection and the same BATCH frames on one stream to a bare quinn receiver
+//! ([`crate::quic_sink`]), with no session, window or ACK.
 //!
 //! The batches are real: realistic CDR JSON from `shared::synth`, the attributes the agent adds
 //! (MQTT client and packet id), encoded by `shared::batch` with zstd level 1, as the agent
@@ -190,6 +192,16 @@ pub struct EdgeTotals {
 }
 
 impl EdgeCounters {
+    /// Adds `conn`'s packets sent and lost to the totals, and its path MTU to the range seen.
+    fn add_path_stats(&self, conn: &Connection) {
+        let stats = conn.stats();
+        self.quic_packets.fetch_add(stats.path.sent_packets, Relaxed);
+        self.quic_lost.fetch_add(stats.path.lost_packets, Relaxed);
+        let mtu = stats.path.current_mtu;
+        let mut seen = self.path_mtu.lock().unwrap_or_else(|p| p.into_inner());
+        *seen = Some(seen.map_or((mtu, mtu), |(lo, hi)| (lo.min(mtu), hi.max(mtu))));
+    }
+
     /// The values now.
     pub fn totals(&self) -> EdgeTotals {
         EdgeTotals {
@@ -243,21 +255,7 @@ impl SimEdge {
         mtu: shared::quic::Mtu,
     ) -> anyhow::Result<SimEdge> {
         let id = cert.id.clone();
-        let tls = tls::client_config(
-            cert.ca_pem.as_bytes(),
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-            &[tls::ALPN_V1],
-        )?;
-        let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-        // The agent's defaults: keep-alive 10 s, idle timeout 60 s, Cubic.
-        config.transport_config(shared::quic::transport(
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            Congestion::Cubic,
-            16,
-            mtu,
-        ));
+        let config = client_config(cert, mtu)?;
         let endpoint =
             shared::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), mtu).context("a client UDP socket")?;
         let session = async {
@@ -315,14 +313,7 @@ impl SimEdge {
         // its side, which ends the ACK reader.
         let _ = data_send.finish();
         let read = tokio::time::timeout(ACK_STALL_TIMEOUT, acks).await;
-        let stats = conn.stats();
-        counters.quic_packets.fetch_add(stats.path.sent_packets, Relaxed);
-        counters.quic_lost.fetch_add(stats.path.lost_packets, Relaxed);
-        {
-            let mtu = stats.path.current_mtu;
-            let mut seen = counters.path_mtu.lock().unwrap_or_else(|p| p.into_inner());
-            *seen = Some(seen.map_or((mtu, mtu), |(lo, hi)| (lo.min(mtu), hi.max(mtu))));
-        }
+        counters.add_path_stats(&conn);
         conn.close(VarInt::from(ErrorCode::NoError as u16), b"loadgen done");
         // The reader's error first: a refusal from the core also stops the sender.
         let latencies = read
@@ -336,6 +327,113 @@ impl SimEdge {
         }
         Ok(latencies)
     }
+}
+
+/// An edge connected to a bare QUIC receiver (`loadgen quic-sink`), with one bidirectional
+/// stream open and no session: no HELLO, no WELCOME, no ACK. See [`SimEdge::connect_raw`].
+#[derive(Debug)]
+pub struct RawEdge {
+    id: String,
+    _endpoint: Endpoint,
+    conn: Connection,
+    send: SendStream,
+    /// Kept open so the receiver's side of the stream is not stopped.
+    _recv: RecvStream,
+    pool: Vec<PooledBatch>,
+}
+
+impl SimEdge {
+    /// Connects to `sink` as [`SimEdge::connect`] does (same certificate, TLS, ALPN and
+    /// transport settings) and opens one bidirectional stream, with no session on it: for a
+    /// receiver that only reads bytes. Returns once the handshake is done.
+    pub async fn connect_raw(
+        sink: SocketAddr,
+        cert: &EdgeCert,
+        pool: Vec<PooledBatch>,
+        mtu: shared::quic::Mtu,
+    ) -> anyhow::Result<RawEdge> {
+        let id = cert.id.clone();
+        let config = client_config(cert, mtu)?;
+        let endpoint =
+            shared::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), mtu).context("a client UDP socket")?;
+        let connecting = async {
+            let conn = endpoint.connect_with(config, sink, SERVER_NAME)?.await?;
+            let (send, recv) = conn.open_bi().await?;
+            Ok::<_, anyhow::Error>((conn, send, recv))
+        };
+        let (conn, send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+            .await
+            .with_context(|| format!("{id}: no connection to the QUIC sink {sink} within {HANDSHAKE_TIMEOUT:?}"))?
+            .with_context(|| format!("{id}: connecting to the QUIC sink {sink}"))?;
+        Ok(RawEdge { id, _endpoint: endpoint, conn, send, _recv: recv, pool })
+    }
+}
+
+impl RawEdge {
+    /// From the moment `go` turns true until `stop` does, writes the pool's BATCH frames round
+    /// and round on its stream, each exactly as [`SimEdge::run`] sends it (`base_seq`
+    /// following on), with no window: QUIC's flow and congestion control pace it, and
+    /// `bytes_per_second`, if given, caps its mean rate (a frame waits until the bytes before
+    /// it are due). Counts frames and batch bytes written in `counters` (`sent_batches`,
+    /// `sent_bytes`) and the connection's packets and path MTU; then closes the connection
+    /// without waiting for the receiver to read what is still in flight.
+    pub async fn run_raw(
+        self,
+        bytes_per_second: Option<f64>,
+        counters: Arc<EdgeCounters>,
+        mut go: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let RawEdge { id, _endpoint, conn, mut send, _recv, pool } = self;
+        let _ = go.wait_for(|g| *g).await;
+        let started = tokio::time::Instant::now();
+        let sent = async {
+            let (mut next_seq, mut written) = (0u64, 0u64);
+            for b in pool.iter().cycle() {
+                if *stop.borrow() {
+                    break;
+                }
+                if let Some(rate) = bytes_per_second.filter(|r| *r > 0.0) {
+                    let due = started + Duration::from_secs_f64(written as f64 / rate);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+                let frame = with_base_seq(b, next_seq);
+                tokio::select! {
+                    w = send.write_chunk(frame) => w.context("writing a BATCH frame")?,
+                    _ = stop.changed() => break,
+                }
+                counters.sent_batches.fetch_add(1, Relaxed);
+                counters.sent_bytes.fetch_add(b.batch_bytes(), Relaxed);
+                next_seq += u64::from(b.records);
+                written += b.batch_bytes();
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        counters.add_path_stats(&conn);
+        let _ = send.finish();
+        conn.close(VarInt::from(ErrorCode::NoError as u16), b"loadgen done");
+        sent.with_context(|| format!("{id}: sending to the QUIC sink"))
+    }
+}
+
+/// An edge's client config: its certificate, the CA, ALPN v1 and the agent's transport
+/// defaults (keep-alive 10 s, idle timeout 60 s, Cubic) with packet sizes `mtu`.
+fn client_config(cert: &EdgeCert, mtu: shared::quic::Mtu) -> anyhow::Result<quinn::ClientConfig> {
+    let tls =
+        tls::client_config(cert.ca_pem.as_bytes(), cert.cert_pem.as_bytes(), cert.key_pem.as_bytes(), &[tls::ALPN_V1])?;
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    config.transport_config(shared::quic::transport(
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+        Congestion::Cubic,
+        16,
+        mtu,
+    ));
+    Ok(config)
 }
 
 /// A batch sent and not yet acknowledged.

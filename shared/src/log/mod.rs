@@ -896,6 +896,13 @@ impl Log {
     /// before the next exists, so only the last segment can ever have a torn tail.
     fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
         self.sync()?;
+        // At its exact length before its index says so (a sync may leave direct IO's padding).
+        let closing = self.segment_path(self.active_segment().base);
+        let file = self.active.as_mut().expect("writable log has an active file");
+        if let Err(source) = file.finish() {
+            self.poisoned = Some(format!("fsync failed: {source}"));
+            return Err(LogError::Io { op: "fsync", path: closing, source });
+        }
         self.write_index(self.active_segment());
         let base = self.next_offset();
         let path = self.segment_path(base);

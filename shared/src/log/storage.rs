@@ -19,8 +19,13 @@ pub trait AppendFile: Send + std::fmt::Debug {
     fn append_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         parts.iter().try_for_each(|p| self.append(p))
     }
-    /// Makes everything written so far durable (fsync / fdatasync).
+    /// Makes everything written so far durable (fsync / fdatasync). Direct IO may leave zero
+    /// padding after the data, to the block boundary.
     fn sync(&mut self) -> io::Result<()>;
+    /// [`AppendFile::sync`] at the file's exact length, as its segment closes.
+    fn finish(&mut self) -> io::Result<()> {
+        self.sync()
+    }
     /// Cuts the file to `len` bytes.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
 

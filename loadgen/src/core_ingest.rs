@@ -340,16 +340,8 @@ async fn run_quinn_peer(
     clock: CpuClock,
 ) -> anyhow::Result<QuinnPeerFigures> {
     let exe = std::env::current_exe().context("locating the loadgen executable for the quinn peer")?;
-    let mut command = std::process::Command::new(exe);
+    let mut command = quic_sink::command(&exe, pki, mtu);
     command
-        .arg("quic-sink")
-        .arg("--ca")
-        .arg(pki.ca_file())
-        .arg("--cert")
-        .arg(pki.server_cert_file())
-        .arg("--key")
-        .arg(pki.server_key_file())
-        .args(["--mtu-min", &mtu.min.to_string(), "--mtu-max", &mtu.max.to_string()])
         .args(["--udp-buffer-bytes", &args.udp_buffer_bytes.unwrap_or(quic_sink::UDP_BUFFER_BYTES).to_string()])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");

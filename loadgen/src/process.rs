@@ -69,6 +69,12 @@ impl Proc {
     /// Waits up to `timeout` for it to exit by itself; SIGKILL after that (an error).
     pub fn wait(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().expect("a Proc holds its child until terminate, wait or drop");
+        self.reap(&mut child, timeout, "")
+    }
+
+    /// Waits up to `timeout` for `child` to exit; SIGKILL after that (an error, `after` saying
+    /// since what).
+    fn reap(&self, child: &mut Child, timeout: Duration, after: &str) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().with_context(|| format!("waiting for {}", self.name))? {
@@ -77,7 +83,7 @@ impl Proc {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{} did not exit within {timeout:?}\n{}", self.name, self.log_tail(30));
+                bail!("{} did not exit within {timeout:?}{after}\n{}", self.name, self.log_tail(30));
             }
             std::thread::sleep(POLL);
         }
@@ -104,18 +110,7 @@ impl Proc {
         if !sent.success() {
             bail!("kill -TERM {} ({}) failed", child.id(), self.name);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("{} did not exit within {timeout:?} of SIGTERM\n{}", self.name, self.log_tail(30));
-            }
-            std::thread::sleep(POLL);
-        }
+        self.reap(&mut child, timeout, " of SIGTERM")
     }
 
     /// SIGTERM (as [`Proc::terminate`]), then `<exe> log verify --data-dir <data_dir>`: the

@@ -183,6 +183,21 @@ fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net
     Ok(socket)
 }
 
+/// The command line of `exe quic-sink` with `pki`'s CA and server certificate and `mtu`.
+pub fn command(exe: &Path, pki: &crate::core_node::Pki, mtu: shared::quic::Mtu) -> Command {
+    let mut command = Command::new(exe);
+    command
+        .arg("quic-sink")
+        .arg("--ca")
+        .arg(pki.ca_file())
+        .arg("--cert")
+        .arg(pki.server_cert_file())
+        .arg("--key")
+        .arg(pki.server_key_file())
+        .args(["--mtu-min", &mtu.min.to_string(), "--mtu-max", &mtu.max.to_string()]);
+    command
+}
+
 /// What the sink has counted: its answer to a line on stdin.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SinkCounts {

@@ -5,12 +5,14 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::{BIN, ResultLine, run_ok, sibling_bin};
 use loadgen::core_node::Pki;
-use loadgen::quic_sink::{SinkCounts, SinkProc};
+use loadgen::quic_sink::{self, SinkCounts, SinkProc};
+use shared::quic::Mtu;
 
 #[test]
 fn every_batch_sent_is_acknowledged_and_stored_once_and_the_core_stops_cleanly() {
@@ -89,16 +91,7 @@ fn quic_sink_is_hidden_answers_its_counts_and_exits_when_stdin_closes() {
 
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::create(&tmp.path().join("pki")).unwrap();
-    let mut command = Command::new(BIN);
-    command
-        .arg("quic-sink")
-        .arg("--ca")
-        .arg(pki.ca_file())
-        .arg("--cert")
-        .arg(pki.server_cert_file())
-        .arg("--key")
-        .arg(pki.server_key_file())
-        .args(["--mtu-min", "1200", "--mtu-max", "6500"]);
+    let command = quic_sink::command(Path::new(BIN), &pki, Mtu { min: 1200, max: 6500 });
     let mut sink = SinkProc::start(command, &tmp.path().join("quic-sink.log")).unwrap();
     assert!(sink.listen.ip().is_loopback() && sink.listen.port() != 0, "{}", sink.listen);
     assert_eq!(sink.counts().unwrap(), SinkCounts { bytes: 0, connections: 0 });

@@ -255,9 +255,7 @@ impl SimEdge {
         mtu: shared::quic::Mtu,
     ) -> anyhow::Result<SimEdge> {
         let id = cert.id.clone();
-        let config = client_config(cert, mtu)?;
-        let endpoint =
-            shared::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), mtu).context("a client UDP socket")?;
+        let (config, endpoint) = client(cert, mtu)?;
         let session = async {
             let conn = endpoint.connect_with(config, core, SERVER_NAME)?.await?;
             let (mut ctl_send, mut ctl_recv) = conn.open_bi().await?;
@@ -353,9 +351,7 @@ impl SimEdge {
         mtu: shared::quic::Mtu,
     ) -> anyhow::Result<RawEdge> {
         let id = cert.id.clone();
-        let config = client_config(cert, mtu)?;
-        let endpoint =
-            shared::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), mtu).context("a client UDP socket")?;
+        let (config, endpoint) = client(cert, mtu)?;
         let connecting = async {
             let conn = endpoint.connect_with(config, sink, SERVER_NAME)?.await?;
             let (send, recv) = conn.open_bi().await?;
@@ -418,6 +414,13 @@ impl RawEdge {
         conn.close(VarInt::from(ErrorCode::NoError as u16), b"loadgen done");
         sent.with_context(|| format!("{id}: sending to the QUIC sink"))
     }
+}
+
+/// An edge's client config and a loopback endpoint to connect with, packets up to `mtu.max`.
+fn client(cert: &EdgeCert, mtu: shared::quic::Mtu) -> anyhow::Result<(quinn::ClientConfig, Endpoint)> {
+    let endpoint =
+        shared::quic::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), mtu).context("a client UDP socket")?;
+    Ok((client_config(cert, mtu)?, endpoint))
 }
 
 /// An edge's client config: its certificate, the CA, ALPN v1 and the agent's transport

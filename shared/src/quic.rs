@@ -204,7 +204,8 @@ const READ_BUF_MAX: usize = 1 << 20;
 /// allocation copies the partial frame over: room for several frames of the size at hand
 /// makes that copy rare (with 64 KiB steps and 43 KB frames, most frames straddled two).
 fn read_buf_growth(buf: &BytesMut) -> usize {
-    let frame_len = buf.get(..4).map_or(0, |l| 4 + u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize);
+    // A bad prefix is `read_frame`'s to report (it decodes before it reads): grow plainly.
+    let frame_len = Frame::wire_len(buf).ok().flatten().unwrap_or(0);
     let want = (READ_AHEAD_FRAMES * frame_len).clamp(READ_BUF_STEP, READ_BUF_MAX).max(frame_len);
     want.saturating_sub(buf.len())
 }

@@ -494,14 +494,20 @@ impl Log {
 
     /// Fsyncs what was appended; returns the new durable offset. A failure poisons the log.
     pub fn sync(&mut self) -> Result<Offset, LogError> {
+        self.sync_active(false)
+    }
+
+    /// [`Log::sync`]; when `closing`, the file also at its exact length
+    /// ([`AppendFile::finish`]: direct IO's padding cut), even if nothing awaits a sync.
+    fn sync_active(&mut self, closing: bool) -> Result<Offset, LogError> {
         self.check_writable()?;
         let next = self.next_offset();
-        if self.durable == next {
+        if self.durable == next && !closing {
             return Ok(next);
         }
         let path = self.segment_path(self.active_segment().base);
         let file = self.active.as_mut().expect("writable log has an active file");
-        if let Err(source) = file.sync() {
+        if let Err(source) = if closing { file.finish() } else { file.sync() } {
             self.poisoned = Some(format!("fsync failed: {source}"));
             return Err(LogError::Io { op: "fsync", path, source });
         }
@@ -895,14 +901,8 @@ impl Log {
     /// Closes the active segment and opens the next. The closing segment is made durable
     /// before the next exists, so only the last segment can ever have a torn tail.
     fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
-        self.sync()?;
-        // At its exact length before its index says so (a sync may leave direct IO's padding).
-        let closing = self.segment_path(self.active_segment().base);
-        let file = self.active.as_mut().expect("writable log has an active file");
-        if let Err(source) = file.finish() {
-            self.poisoned = Some(format!("fsync failed: {source}"));
-            return Err(LogError::Io { op: "fsync", path: closing, source });
-        }
+        // Durable, and at its exact length before its index says so.
+        self.sync_active(true)?;
         self.write_index(self.active_segment());
         let base = self.next_offset();
         let path = self.segment_path(base);

@@ -294,16 +294,24 @@ impl Frame {
     /// a BATCH or DICT frame's body instead of copying them; `Ok(None)` (and `buf` untouched)
     /// while `buf` holds only part of it.
     pub fn decode_from(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match Frame::wire_len(buf)? {
+            Some(n) if buf.len() >= n => {
+                let whole = buf.split_to(n).freeze();
+                Ok(Frame::decode_inner(&whole, Some(&whole))?.map(|(frame, _)| frame))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The whole length on the wire of the frame `buf` starts with (its length prefix
+    /// included), once the prefix is there; an error if the prefix is out of bounds.
+    pub fn wire_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
         let Some(len) = buf.get(..4) else { return Ok(None) };
         let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
         if len == 0 || len > FRAME_LEN_MAX {
             return Err(FrameError::Length(len));
         }
-        if buf.len() < 4 + len {
-            return Ok(None);
-        }
-        let whole = buf.split_to(4 + len).freeze();
-        Ok(Frame::decode_inner(&whole, Some(&whole))?.map(|(frame, _)| frame))
+        Ok(Some(4 + len))
     }
 
     /// Decodes from `buf`; a body is a slice of `owned` (the same bytes) when given.
@@ -317,12 +325,8 @@ impl Frame {
                 None => bytes::Bytes::copy_from_slice(rest),
             }
         };
-        let Some(len) = buf.get(..4) else { return Ok(None) };
-        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-        if len == 0 || len > FRAME_LEN_MAX {
-            return Err(FrameError::Length(len));
-        }
-        let Some(body) = buf.get(4..4 + len) else { return Ok(None) };
+        let Some(n) = Frame::wire_len(buf)? else { return Ok(None) };
+        let Some(body) = buf.get(4..n) else { return Ok(None) };
         let mut r = Reader { buf: &body[1..], pos: 0 };
         let frame = match body[0] {
             1 => {
@@ -385,7 +389,7 @@ impl Frame {
         if r.pos != r.buf.len() {
             return Err(FrameError::Field { field: "frame", reason: "bytes left after the last field" });
         }
-        Ok(Some((frame, 4 + len)))
+        Ok(Some((frame, n)))
     }
 }
 

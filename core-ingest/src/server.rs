@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::BytesMut;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use shared::batch::{Batch, BatchLimits};
-use shared::quic::{read_frame, write_frame};
+use shared::batch::{BatchLimits, BatchParts};
+use shared::quic::{read_frame, read_parted, write_frame};
 use shared::wire::frame::{StreamHeld, marks};
 use shared::wire::session::{IngestSession, ProducerKey, Refusal};
-use shared::wire::{ErrorCode, Frame};
+use shared::wire::{ErrorCode, Frame, FrameParts, Parted};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::{Metrics, Refused};
@@ -184,7 +184,7 @@ fn close(conn: &Connection, code: ErrorCode, message: &str) {
 
 async fn run_session(conn: &Connection, edge: &str, id: u64, ctx: &Arc<ServerContext>) -> Result<(), Refusal> {
     let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await.map_err(|e| refusal(ErrorCode::NoError, e))?;
-    let mut buf = BytesMut::new();
+    let mut buf = FrameParts::default();
     let hello = read_frame(&mut ctl_recv, &mut buf).await?.ok_or_else(|| refusal(ErrorCode::Protocol, "no hello"))?;
     let Frame::Hello { version, epoch, edge_id, streams } = hello else {
         return Err(refusal(ErrorCode::Protocol, "the first frame must be a hello"));
@@ -274,7 +274,7 @@ enum Pending {
 }
 
 async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<IngestSession>, ctx: Arc<ServerContext>) {
-    let mut buf = BytesMut::new();
+    let mut buf = FrameParts::default();
     let stream = match read_frame(&mut recv, &mut buf).await {
         Ok(Some(Frame::Open { stream, lane })) => {
             tracing::debug!(edge = %session.edge(), %stream, ?lane, "data stream opened");
@@ -350,23 +350,24 @@ async fn data_stream(mut send: SendStream, mut recv: RecvStream, session: Arc<In
         // A refusal from the store ends the ack task (it closes `rx`): stop reading at once,
         // so the edge hears of it without having to send another frame first.
         let read = tokio::select! {
-            r = read_frame(&mut recv, &mut buf) => r,
+            r = read_parted(&mut recv, &mut buf) => r,
             _ = tx.closed() => break,
         };
-        let frame = match read {
-            Ok(Some(f)) => f,
+        let pieces = match read {
+            Ok(Some(Parted::Batch(pieces))) => pieces,
+            Ok(Some(Parted::Frame(_))) => {
+                let _ = tx.send(Pending::Fail(refusal(ErrorCode::Protocol, "only batches on a data stream"))).await;
+                break;
+            }
             Ok(None) => break,
             Err(r) => {
                 let _ = tx.send(Pending::Fail(r)).await;
                 break;
             }
         };
-        let Frame::Batch(bytes) = frame else {
-            let _ = tx.send(Pending::Fail(refusal(ErrorCode::Protocol, "only batches on a data stream"))).await;
-            break;
-        };
         ctx.metrics.batches_received.inc();
-        let batch = match Batch::from_bytes(bytes, &ctx.limits) {
+        // Checked in the pieces it came in; the log copies them once, into its write buffer.
+        let batch = match BatchParts::from_pieces(pieces, &ctx.limits) {
             Ok(b) => b,
             Err(e) => {
                 let _ = tx.send(Pending::Fail(refusal(ErrorCode::BadBatch, e))).await;

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use shared::batch::Batch;
+use shared::batch::{Batch, BatchHeader, BatchParts};
 use shared::ids::Offset;
 use shared::log::storage::{FsStorage, Storage};
 use shared::log::verify::stream_dir;
@@ -106,8 +106,7 @@ impl ActiveFacts {
         ActiveFacts { base, complete: log.next_offset() == base, records: 0, producers: Default::default() }
     }
 
-    fn add(&mut self, batch: &Batch) {
-        let h = batch.header();
+    fn add(&mut self, h: &BatchHeader) {
         self.records += u64::from(h.record_count);
         let epochs = match self.producers.get_mut(h.producer.as_str()) {
             Some(epochs) => epochs,
@@ -188,8 +187,8 @@ pub struct AppendRequest {
     pub key: Arc<ProducerKey>,
     /// Its seqs.
     pub range: Range<u64>,
-    /// The batch.
-    pub batch: Batch,
+    /// The batch, in the pieces it arrived in.
+    pub batch: BatchParts,
     /// The answer.
     pub reply: Reply,
 }
@@ -209,7 +208,7 @@ impl StoreHandle {
         &self,
         key: impl Into<Arc<ProducerKey>>,
         range: Range<u64>,
-        batch: Batch,
+        batch: impl Into<BatchParts>,
     ) -> Result<Stored, Refusal> {
         self.append_pipelined(key, range, batch).await?.await.map_err(|_| stopped())?
     }
@@ -219,10 +218,10 @@ impl StoreHandle {
         &self,
         key: impl Into<Arc<ProducerKey>>,
         range: Range<u64>,
-        batch: Batch,
+        batch: impl Into<BatchParts>,
     ) -> Result<oneshot::Receiver<Result<Stored, Refusal>>, Refusal> {
         let (reply, rx) = oneshot::channel();
-        let request = Box::new(AppendRequest { key: key.into(), range, batch, reply });
+        let request = Box::new(AppendRequest { key: key.into(), range, batch: batch.into(), reply });
         self.tx.send(StoreInput::Append(request)).await.map_err(|_| stopped())?;
         Ok(rx)
     }
@@ -445,7 +444,7 @@ impl Store {
     }
 
     /// Appends unless held; returns how it will be answered after the sync.
-    fn append(&mut self, key: &ProducerKey, range: &Range<u64>, batch: &Batch) -> Result<Stored, Refusal> {
+    fn append(&mut self, key: &ProducerKey, range: &Range<u64>, batch: &BatchParts) -> Result<Stored, Refusal> {
         match self.appended.check(key, range) {
             Verdict::Duplicate => {
                 self.metrics.duplicates.inc();
@@ -470,7 +469,7 @@ impl Store {
         let internal = |e: String| Refusal { code: ErrorCode::Internal, message: e };
         let logs = self.stream_logs(&key.stream).map_err(internal)?;
         let log = &mut logs.logs[partition];
-        match log.append(batch, now_ms()) {
+        match log.append_parts(batch, now_ms()) {
             Ok(appended) => {
                 let facts = &mut logs.facts[partition];
                 let base = log.active_base();
@@ -480,7 +479,7 @@ impl Store {
                     let fresh = ActiveFacts { base, complete: appended.offset == base, ..ActiveFacts::default() };
                     closed = Some(std::mem::replace(facts, fresh)).filter(|done| done.complete);
                 }
-                facts.add(batch);
+                facts.add(batch.header());
                 if let Some(done) = closed {
                     self.closed_facts.insert((key.stream.clone(), partition, done.base.0), done.finish());
                 }
@@ -491,8 +490,8 @@ impl Store {
                 if !batch.header().is_gap() {
                     self.metrics.records_stored.add(u64::from(batch.header().record_count));
                 }
-                self.metrics.bytes_stored.add(batch.bytes().len() as u64);
-                self.note_edge(batch);
+                self.metrics.bytes_stored.add(batch.len() as u64);
+                self.note_edge(batch.header());
                 self.appended.insert(key, range.clone());
                 Ok(Stored::Durable)
             }
@@ -568,15 +567,17 @@ impl Store {
         }
     }
 
-    fn note_edge(&mut self, batch: &Batch) {
-        let h = batch.header();
+    fn note_edge(&mut self, h: &BatchHeader) {
         let now = now_ms();
-        let d = self
-            .edges
-            .entry(h.producer.clone())
-            .or_insert_with(|| crate::catalog::EdgeDelta { edge: h.producer.clone(), ..Default::default() });
+        let d = match self.edges.get_mut(h.producer.as_str()) {
+            Some(d) => d,
+            None => self
+                .edges
+                .entry(h.producer.clone())
+                .or_insert_with(|| crate::catalog::EdgeDelta { edge: h.producer.clone(), ..Default::default() }),
+        };
         d.last_seen_ms = now;
-        d.bytes += batch.bytes().len() as u64;
+        d.bytes += h.batch_len() as u64;
         d.lag_ms = now.saturating_sub(h.max_ts_ms);
         if h.is_gap() {
             d.gaps += 1;

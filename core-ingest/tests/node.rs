@@ -372,7 +372,7 @@ async fn hello(conn: &Connection, edge: &str, epoch: u64, next: u64) -> Result<S
         let streams = vec![StreamOffer { name: STREAM.into(), first_retained: 0, next }];
         let hello = Frame::Hello { version: 1, epoch, edge_id: edge.into(), streams };
         shared::quic::write_frame(&mut send, &hello).await.map_err(|r| r.message)?;
-        let mut buf = BytesMut::new();
+        let mut buf = shared::wire::FrameParts::default();
         match shared::quic::read_frame(&mut recv, &mut buf).await {
             Ok(Some(Frame::Welcome { node, streams, .. })) => {
                 assert_eq!(node, "test-core");

@@ -543,7 +543,7 @@ async fn edge_session(node: &Node, edge: &str, epoch: u64, wait_tiered: bool) ->
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let streams = vec![StreamOffer { name: STREAM.into(), first_retained: 0, next: 1_000_000 }];
     write_frame(&mut send, &Frame::Hello { version: 1, epoch, edge_id: edge.into(), streams }).await.unwrap();
-    let mut buf = BytesMut::new();
+    let mut buf = shared::wire::FrameParts::default();
     let held = match tokio::time::timeout(WAIT, read_frame(&mut recv, &mut buf)).await.unwrap() {
         Ok(Some(Frame::Welcome { streams, .. })) => {
             streams.into_iter().find(|s| s.name == STREAM).map(|s| s.held).unwrap_or_default()
@@ -562,7 +562,7 @@ async fn edge_session(node: &Node, edge: &str, epoch: u64, wait_tiered: bool) ->
     let open = Frame::Open { stream: STREAM.into(), lane: shared::wire::Lane::Live };
     write_frame(&mut dsend, &open).await.unwrap();
     write_frame(&mut dsend, &Frame::Batch(batch_of(edge, epoch, 0..RECORDS_PER_BATCH, 300))).await.unwrap();
-    let mut dbuf = BytesMut::new();
+    let mut dbuf = shared::wire::FrameParts::default();
     let marks = match tokio::time::timeout(WAIT, read_frame(&mut drecv, &mut dbuf)).await.unwrap() {
         Ok(Some(Frame::Ack { start: 0, end, marks })) if end == RECORDS_PER_BATCH => marks,
         other => panic!("expected the ack of batch 0, got {other:?}"),

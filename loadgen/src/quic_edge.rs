@@ -37,7 +37,7 @@ use shared::ids::{Epoch, Seq};
 use shared::quic::{Congestion, read_frame, write_frame};
 use shared::wire::frame::{StreamOffer, marks};
 use shared::wire::session::VERSION;
-use shared::wire::{ErrorCode, Frame, Lane};
+use shared::wire::{ErrorCode, Frame, FrameParts, Lane};
 use shared::{synth, tls};
 use tokio::sync::{Mutex, Semaphore, watch};
 
@@ -262,7 +262,7 @@ impl SimEdge {
             let streams = vec![StreamOffer { name: STREAM.into(), first_retained: 0, next: 0 }];
             let hello = Frame::Hello { version: VERSION, epoch, edge_id: id.clone(), streams };
             write_frame(&mut ctl_send, &hello).await.map_err(|r| anyhow::anyhow!(r.message))?;
-            let mut buf = BytesMut::new();
+            let mut buf = FrameParts::default();
             match read_frame(&mut ctl_recv, &mut buf).await {
                 Ok(Some(Frame::Welcome { streams, .. })) => {
                     if streams.iter().any(|s| s.name == STREAM && !s.held.is_empty()) {
@@ -497,7 +497,7 @@ async fn read_acks(
     inflight: Arc<Mutex<VecDeque<InFlight>>>,
     counters: Arc<EdgeCounters>,
 ) -> anyhow::Result<Vec<Duration>> {
-    let mut buf = BytesMut::new();
+    let mut buf = FrameParts::default();
     let mut latencies = Vec::new();
     loop {
         let frame = match read_frame(&mut recv, &mut buf).await {

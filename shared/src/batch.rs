@@ -458,6 +458,91 @@ impl Batch {
     }
 }
 
+/// A whole batch whose bytes arrived in pieces (a QUIC stream's chunks), validated as
+/// [`Batch::from_bytes`] does and never joined: the log writes the pieces as they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchParts {
+    header: BatchHeader,
+    pieces: Vec<Bytes>,
+}
+
+impl BatchParts {
+    /// Takes `pieces`, in order, as exactly one batch: both CRCs checked, nothing decompressed.
+    pub fn from_pieces(mut pieces: Vec<Bytes>, limits: &BatchLimits) -> Result<BatchParts, BatchError> {
+        pieces.retain(|p| !p.is_empty());
+        let have: usize = pieces.iter().map(Bytes::len).sum();
+        if pieces.len() <= 1 {
+            let batch = Batch::from_bytes(pieces.pop().unwrap_or_default(), limits)?;
+            return Ok(batch.into());
+        }
+        // The header, copied out when it spans pieces (it is at most HEADER_LEN_MAX bytes).
+        let first = &pieces[0];
+        let copied;
+        let head: &[u8] = if first.len() >= HEADER_LEN_MAX || first.len() == have {
+            first
+        } else {
+            let mut h = Vec::with_capacity(HEADER_LEN_MAX.min(have));
+            for p in &pieces {
+                let k = p.len().min(h.capacity() - h.len());
+                h.extend_from_slice(&p[..k]);
+                if h.len() == h.capacity() {
+                    break;
+                }
+            }
+            copied = h;
+            &copied
+        };
+        let Some(header) = BatchHeader::decode(head, limits)? else {
+            return Err(BatchError::Truncated { have });
+        };
+        let len = header.batch_len();
+        if have < len {
+            return Err(BatchError::Truncated { have });
+        }
+        // The body's CRC, over bytes header_len..len of the pieces.
+        let (mut at, body) = (0, usize::from(header.header_len)..len);
+        let mut crc = 0;
+        for p in &pieces {
+            let (from, to) = (body.start.clamp(at, at + p.len()), body.end.clamp(at, at + p.len()));
+            crc = crc32c::crc32c_append(crc, &p[from - at..to - at]);
+            at += p.len();
+        }
+        if crc != header.body_crc {
+            return Err(BatchError::BodyCrc { stored: header.body_crc, actual: crc });
+        }
+        if have > len {
+            return Err(BatchError::TrailingBytes { batch_len: len, have });
+        }
+        Ok(BatchParts { header, pieces })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The encoded bytes, in pieces, as they go to disk.
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// Bytes of the whole batch.
+    pub fn len(&self) -> usize {
+        self.header.batch_len()
+    }
+
+    /// Never true: a batch has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl From<Batch> for BatchParts {
+    fn from(batch: Batch) -> BatchParts {
+        BatchParts { header: batch.header, pieces: vec![batch.bytes] }
+    }
+}
+
 /// How to compress batch bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -1353,6 +1438,41 @@ mod tests {
             let batch = Batch::from_bytes(bytes, &BatchLimits::default()).unwrap();
             prop_assert_eq!(batch.header().record_count as usize, records.len());
             prop_assert_eq!(batch.records().unwrap(), records);
+        }
+
+        #[test]
+        fn a_batch_in_pieces_is_judged_as_the_whole_one(
+            records in proptest::collection::vec(arb_record(), 1..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+            flip in proptest::option::of((any::<prop::sample::Index>(), 1u8..=255)),
+            cut_end in proptest::option::of(any::<prop::sample::Index>()),
+            extra in proptest::collection::vec(any::<u8>(), 0..3),
+        ) {
+            // Damaged, cut short or with bytes after it: the pieces get the verdict the whole
+            // bytes get, wherever they are cut (the header spanning pieces included).
+            let mut bytes = encode(&records, Compression::None).to_vec();
+            if let Some((at, x)) = flip {
+                let i = at.index(bytes.len());
+                bytes[i] ^= x;
+            }
+            if let Some(at) = cut_end {
+                bytes.truncate(at.index(bytes.len() + 1));
+            }
+            bytes.extend_from_slice(&extra);
+            let whole = Bytes::from(bytes);
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(whole.len() + 1)).collect();
+            at.push(0);
+            at.push(whole.len());
+            at.sort();
+            let pieces: Vec<Bytes> = at.windows(2).map(|w| whole.slice(w[0]..w[1])).collect();
+            let limits = BatchLimits::default();
+            let expected = Batch::from_bytes(whole.clone(), &limits).map(|b| b.header().clone());
+            let parts = BatchParts::from_pieces(pieces, &limits);
+            prop_assert_eq!(parts.as_ref().map(|p| p.header().clone()).map_err(Clone::clone), expected);
+            if let Ok(p) = parts {
+                prop_assert_eq!(p.len(), whole.len());
+                prop_assert_eq!(p.pieces().concat(), whole.to_vec());
+            }
         }
 
         #[test]

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 
 use crate::wire::session::Refusal;
-use crate::wire::{ErrorCode, Frame};
+use crate::wire::{ErrorCode, Frame, FrameParts, Parted};
 
 /// Congestion control, a setting (DESIGN §4): Cubic by default, BBR where the link is lossy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,54 +190,34 @@ pub fn transport(
     Arc::new(t)
 }
 
-/// Bytes `read_frame` adds to its buffer when it runs out of room.
-const READ_BUF_STEP: usize = 64 << 10;
-/// Chunks `read_frame` takes from quinn at a time.
+/// Chunks `read_parted` takes from quinn at a time.
 const READ_CHUNKS: usize = 16;
-/// Frames of the size being read that a new read buffer has room for.
-const READ_AHEAD_FRAMES: usize = 4;
-/// The most a read buffer grows by for read-ahead (a larger frame still gets its room).
-const READ_BUF_MAX: usize = 1 << 20;
 
-/// How much to add to `buf` (holding part of one frame at most) when it is full. Whole
-/// frames leave `buf` as shared views of its storage (`Frame::decode_from`), so a new
-/// allocation copies the partial frame over: room for several frames of the size at hand
-/// makes that copy rare (with 64 KiB steps and 43 KB frames, most frames straddled two).
-fn read_buf_growth(buf: &BytesMut) -> usize {
-    // A bad prefix is `read_frame`'s to report (it decodes before it reads): grow plainly.
-    let frame_len = Frame::wire_len(buf).ok().flatten().unwrap_or(0);
-    let want = (READ_AHEAD_FRAMES * frame_len).clamp(READ_BUF_STEP, READ_BUF_MAX).max(frame_len);
-    want.saturating_sub(buf.len())
-}
-
-/// Reads one frame; `Ok(None)` at a clean end of stream. `buf` carries bytes between calls.
-pub async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<Frame>, Refusal> {
+/// Reads the next frame, a BATCH frame's body in the pieces it arrived in (not joined);
+/// `Ok(None)` at a clean end of stream. `parts` carries bytes between calls.
+pub async fn read_parted(recv: &mut RecvStream, parts: &mut FrameParts) -> Result<Option<Parted>, Refusal> {
     loop {
-        match Frame::decode_from(buf) {
-            Ok(Some(frame)) => return Ok(Some(frame)),
+        match parts.take_frame() {
+            Ok(Some(p)) => return Ok(Some(p)),
             Ok(None) => {}
             Err(e) => return Err(Refusal { code: e.code(), message: e.to_string() }),
         }
         // Several chunks per call: one lock of the connection for all of them.
         let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
         match recv.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => {
-                let got = &chunks[..n];
-                let len: usize = got.iter().map(Bytes::len).sum();
-                if buf.capacity() - buf.len() < len {
-                    buf.reserve(len.max(read_buf_growth(buf)));
-                }
-                for c in got {
-                    buf.extend_from_slice(c);
-                }
-            }
-            Ok(None) if buf.is_empty() => return Ok(None),
+            Ok(Some(n)) => chunks.into_iter().take(n).for_each(|c| parts.push(c)),
+            Ok(None) if parts.is_empty() => return Ok(None),
             Ok(None) => {
                 return Err(Refusal { code: ErrorCode::Protocol, message: "stream ended inside a frame".into() });
             }
             Err(e) => return Err(Refusal { code: ErrorCode::NoError, message: e.to_string() }),
         }
     }
+}
+
+/// Reads one frame (a batch's pieces joined); `Ok(None)` at a clean end of stream.
+pub async fn read_frame(recv: &mut RecvStream, parts: &mut FrameParts) -> Result<Option<Frame>, Refusal> {
+    Ok(read_parted(recv, parts).await?.map(Parted::into_frame))
 }
 
 /// Writes one frame.
@@ -250,26 +230,6 @@ pub async fn write_frame(send: &mut SendStream, frame: &Frame) -> Result<(), Ref
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_full_read_buffer_grows_by_several_frames_of_the_size_at_hand() {
-        let partial = |frame_len: u32, have: usize| {
-            let mut b = BytesMut::new();
-            b.extend_from_slice(&(frame_len - 4).to_le_bytes());
-            b.resize(have, 7);
-            b
-        };
-        // Nothing or no length yet: the plain step.
-        assert_eq!(read_buf_growth(&BytesMut::new()), READ_BUF_STEP);
-        assert_eq!(read_buf_growth(&BytesMut::from(&[1u8, 0][..])), READ_BUF_STEP - 2);
-        // Small frames: the plain step.
-        assert_eq!(read_buf_growth(&partial(1000, 500)), READ_BUF_STEP - 500);
-        // 43 KB frames: room for four of them, counted from the partial one's start.
-        assert_eq!(read_buf_growth(&partial(43_000, 10_000)), 4 * 43_000 - 10_000);
-        // Read-ahead stops at READ_BUF_MAX, but a larger frame still gets its room.
-        assert_eq!(read_buf_growth(&partial(400_000, 4)), READ_BUF_MAX - 4);
-        assert_eq!(read_buf_growth(&partial(3 << 20, 100)), (3 << 20) - 100);
-    }
 
     #[test]
     fn packet_sizes_stay_between_quics_floor_and_the_gso_safe_ceiling() {

@@ -167,6 +167,34 @@ fn recovery_truncates_zero_padding_after_the_last_frame() {
 }
 
 #[test]
+fn a_batch_in_pieces_is_stored_as_the_whole_batch() {
+    // The core appends batches in the pieces they arrived in: cut anywhere (inside the header
+    // too, in pieces of one byte), they read back as the same batch at the same offsets.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cdr");
+    let mut log = open_fs(&dir);
+    let mut expected = Vec::new();
+    for (k, step) in [1usize, 7, 100, 1000, 5000].into_iter().enumerate() {
+        let whole = batch(log.next_offset().0, 3 + k as u32, 0);
+        let bytes = whole.bytes().clone();
+        let pieces: Vec<bytes::Bytes> =
+            (0..bytes.len()).step_by(step).map(|at| bytes.slice(at..(at + step).min(bytes.len()))).collect();
+        assert_eq!(pieces.len(), bytes.len().div_ceil(step));
+        let parts = shared::batch::BatchParts::from_pieces(pieces, &BatchLimits::default()).unwrap();
+        let appended = log.append_parts(&parts, 0).unwrap();
+        assert_eq!(appended.offset.0, whole.header().base_seq.0);
+        expected.push(whole);
+    }
+    log.sync().unwrap();
+    drop(log);
+    let mut log = open_fs(&dir);
+    assert!(log.problems().is_empty(), "{:?}", log.problems());
+    let read = log.read(Offset(0), 1 << 20).unwrap();
+    let got: Vec<Batch> = read.batches.into_iter().map(|b| b.batch).collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
 fn group_commit_on_files_reads_only_what_was_synced() {
     // Under direct IO the unsynced frames are not in the file yet: reads must stop before them
     // rather than take the short file for damage.

@@ -23,7 +23,7 @@ use shared::log::LogError;
 use shared::quic::{Congestion, read_frame, write_frame};
 use shared::wire::frame::marks;
 use shared::wire::session::{Delivery, ForwardSession, StreamSend, VERSION};
-use shared::wire::{ErrorCode, Frame, Lane};
+use shared::wire::{ErrorCode, Frame, FrameParts, Lane};
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 
 use super::bucket::TokenBucket;
@@ -383,7 +383,7 @@ impl Drop for AbortOnDrop {
 /// Reads the control stream after the WELCOME: TIERED frames become [`Event::Tiered`].
 async fn read_control(
     mut recv: quinn::RecvStream,
-    mut buf: BytesMut,
+    mut buf: FrameParts,
     names: Vec<String>,
     tx: mpsc::UnboundedSender<Event>,
 ) {
@@ -423,7 +423,7 @@ async fn run_connection(conn: &Connection, p: &mut ForwardParams, hold_down: Opt
     if let Err(r) = write_frame(&mut ctl_send, &hello).await {
         return Ended::Lost(r.message);
     }
-    let mut buf = BytesMut::new();
+    let mut buf = FrameParts::default();
     match read_frame(&mut ctl_recv, &mut buf).await {
         Ok(Some(Frame::Welcome { node, streams, .. })) => {
             tracing::info!(%node, "welcomed");
@@ -672,7 +672,7 @@ async fn open_lane(
         let _ = send.finish();
     });
     tokio::spawn(async move {
-        let mut buf = BytesMut::new();
+        let mut buf = FrameParts::default();
         loop {
             match read_frame(&mut recv, &mut buf).await {
                 Ok(Some(Frame::Ack { start, end, marks: m })) if m & marks::DURABLE != 0 => {

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::batch::{Batch, BatchLimits};
+use crate::batch::{Batch, BatchHeader, BatchLimits, BatchParts};
 use crate::ids::Offset;
 use index::{IndexEntry, SegmentIndex};
 use segment::{FRAME_HEADER_LEN, FrameInfo};
@@ -450,31 +450,42 @@ impl Log {
     /// Appends `batch`. Under [`FsyncPolicy::Always`] it is durable when this returns;
     /// otherwise it is committed by the next [`Log::sync`] (or at once under `Never`).
     pub fn append(&mut self, batch: &Batch, now_ms: i64) -> Result<Appended, LogError> {
+        self.append_pieces(batch.header(), std::slice::from_ref(batch.bytes()), now_ms)
+    }
+
+    /// [`Log::append`] of a batch in pieces: they are written as they are, never joined.
+    pub fn append_parts(&mut self, batch: &BatchParts, now_ms: i64) -> Result<Appended, LogError> {
+        self.append_pieces(batch.header(), batch.pieces(), now_ms)
+    }
+
+    fn append_pieces(&mut self, h: &BatchHeader, pieces: &[Bytes], now_ms: i64) -> Result<Appended, LogError> {
         self.check_writable()?;
-        let bytes = batch.bytes();
-        let frame_len = (FRAME_HEADER_LEN + bytes.len()) as u64;
-        if bytes.len() > self.config.batch_limits.body_bytes_max as usize + crate::batch::HEADER_LEN_MAX {
-            return Err(LogError::BatchRefused(format!("{} bytes is above the log's batch bound", bytes.len())));
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        let frame_len = (FRAME_HEADER_LEN + len) as u64;
+        if len > self.config.batch_limits.body_bytes_max as usize + crate::batch::HEADER_LEN_MAX {
+            return Err(LogError::BatchRefused(format!("{len} bytes is above the log's batch bound")));
         }
         let offset = self.next_offset();
-        if offset.0.checked_add(u64::from(batch.header().record_count)).is_none() {
+        if offset.0.checked_add(u64::from(h.record_count)).is_none() {
             return Err(LogError::BatchRefused("offsets would overflow".into()));
         }
         self.maybe_roll(frame_len, now_ms)?;
 
         let seg = self.segments.last().expect("a log always has an active segment");
         let synced_len = if self.durable >= seg.end { seg.len } else { seg.synced_len };
-        let head = segment::frame_header(offset, synced_len, bytes.len());
+        let head = segment::frame_header(offset, synced_len, len);
         let (pos, base) = (seg.len, seg.base);
         let file = self.active.as_mut().expect("writable log has an active file");
-        if let Err(source) = file.append_parts(&[&head, bytes]) {
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + pieces.len());
+        parts.push(&head);
+        parts.extend(pieces.iter().map(|p| &p[..]));
+        if let Err(source) = file.append_parts(&parts) {
             // Cut the partial frame off so no torn bytes sit before later frames.
             if let Err(e) = file.truncate(pos) {
                 self.poisoned = Some(format!("write failed ({source}) and truncating it back failed ({e})"));
             }
             return Err(LogError::Io { op: "append to", path: self.segment_path(base), source });
         }
-        let h = batch.header();
         let info = FrameInfo {
             pos,
             len: frame_len,

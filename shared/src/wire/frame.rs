@@ -290,17 +290,9 @@ impl Frame {
         Frame::decode_inner(buf, None)
     }
 
-    /// Like [`Frame::decode`], but takes a whole frame out of `buf` and shares its bytes with
-    /// a BATCH or DICT frame's body instead of copying them; `Ok(None)` (and `buf` untouched)
-    /// while `buf` holds only part of it.
-    pub fn decode_from(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        match Frame::wire_len(buf)? {
-            Some(n) if buf.len() >= n => {
-                let whole = buf.split_to(n).freeze();
-                Ok(Frame::decode_inner(&whole, Some(&whole))?.map(|(frame, _)| frame))
-            }
-            _ => Ok(None),
-        }
+    /// Decodes the frame at the start of `whole`, sharing a BATCH or DICT body with it.
+    pub(super) fn decode_shared(whole: &bytes::Bytes) -> Result<Option<Frame>, FrameError> {
+        Ok(Frame::decode_inner(whole, Some(whole))?.map(|(frame, _)| frame))
     }
 
     /// The whole length on the wire of the frame `buf` starts with (its length prefix
@@ -499,11 +491,11 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 // One-range sets are the point of several assertions here, not a mistaken range literal.
 #[allow(clippy::single_range_in_vec_init)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn samples() -> Vec<Frame> {
+    pub(crate) fn samples() -> Vec<Frame> {
         vec![
             Frame::Hello {
                 version: 1,
@@ -554,39 +546,6 @@ mod tests {
         let len = (w.len() - 4) as u32;
         w[..4].copy_from_slice(&len.to_le_bytes());
         assert!(matches!(Frame::decode(&w), Err(FrameError::Field { field: "ranges", .. })));
-    }
-
-    #[test]
-    fn decoding_from_a_buffer_takes_whole_frames_and_shares_batch_bodies() {
-        let frames = samples();
-        let mut wire = BytesMut::new();
-        for f in &frames {
-            f.encode(&mut wire);
-        }
-        // Fed a byte at a time: nothing until a frame is whole, then exactly that frame.
-        let mut buf = BytesMut::new();
-        let mut got = Vec::new();
-        for &b in wire.iter() {
-            buf.put_u8(b);
-            let before = buf.len();
-            match Frame::decode_from(&mut buf).unwrap() {
-                Some(f) => got.push(f),
-                None => assert_eq!(buf.len(), before, "a partial frame stays in the buffer"),
-            }
-        }
-        assert_eq!(got, frames);
-        assert!(buf.is_empty());
-
-        // A BATCH body is a view of the buffer's bytes, not a copy.
-        let mut buf = BytesMut::new();
-        Frame::Batch(bytes::Bytes::from_static(b"batch body")).encode(&mut buf);
-        let start = buf.as_ptr() as usize;
-        let Some(Frame::Batch(body)) = Frame::decode_from(&mut buf).unwrap() else { panic!("not a batch") };
-        assert_eq!(&body[..], b"batch body");
-        assert_eq!(body.as_ptr() as usize, start + 5, "shared, after the length and type");
-
-        let mut bad = BytesMut::from(&[0u8, 0, 0, 0, 4][..]);
-        assert_eq!(Frame::decode_from(&mut bad), Err(FrameError::Length(0)));
     }
 
     proptest! {

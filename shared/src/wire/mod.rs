@@ -6,7 +6,9 @@
 //! log stream and lane (OPEN, then BATCH frames; the core answers ACK frames after its fsync).
 
 pub mod frame;
+pub mod parts;
 pub mod session;
 
 pub use frame::{ErrorCode, Frame, FrameError, Lane};
+pub use parts::{FrameParts, Parted};
 pub use session::{DedupIndex, Delivery, ForwardSession, IngestSession, ProducerKey, StreamSend, Verdict};

@@ -980,6 +980,7 @@ mod listen {
         accepted_total: AtomicU64,
         refused: Mutex<HashMap<u8, u64>>,
         closed_by_error_total: AtomicU64,
+        wills_total: AtomicU64,
         qos0_dropped_full: Arc<AtomicU64>,
     }
 
@@ -1012,6 +1013,11 @@ mod listen {
         /// A connection closed for bad bytes, a size or a timeout.
         pub fn add_protocol_error(&self) {
             self.closed_by_error_total.fetch_add(1, Ordering::Relaxed);
+        }
+
+        /// A device's Will went to the writer (its connection failed).
+        pub fn add_will(&self) {
+            self.wills_total.fetch_add(1, Ordering::Relaxed);
         }
 
         /// A refusal with MQTT 5 reason `code` went to a device.
@@ -1047,6 +1053,9 @@ mod listen {
                 "backhaul_edge_listen_protocol_errors_total {}\n",
                 self.closed_by_error_total.load(Ordering::Relaxed)
             ));
+            t.push_str("# HELP backhaul_edge_listen_wills_total Wills of failed device connections handed to the writer, stored like QoS 0 PUBLISHes.\n");
+            t.push_str("# TYPE backhaul_edge_listen_wills_total counter\n");
+            t.push_str(&format!("backhaul_edge_listen_wills_total {}\n", self.wills_total.load(Ordering::Relaxed)));
             t.push_str("# HELP backhaul_edge_listen_qos0_dropped_total QoS 0 messages dropped: their stream was full (backpressure).\n");
             t.push_str("# TYPE backhaul_edge_listen_qos0_dropped_total counter\n");
             t.push_str(&format!(
@@ -1073,6 +1082,7 @@ mod listen {
             m.refuse(0x86);
             m.refuse(0x97);
             m.add_protocol_error();
+            m.add_will();
             let text = m.render();
             for line in [
                 "backhaul_edge_listen_connections 1",
@@ -1080,6 +1090,7 @@ mod listen {
                 "backhaul_edge_listen_refused_total{reason=\"0x86\"} 2",
                 "backhaul_edge_listen_refused_total{reason=\"0x97\"} 1",
                 "backhaul_edge_listen_protocol_errors_total 1",
+                "backhaul_edge_listen_wills_total 1",
                 "backhaul_edge_listen_qos0_dropped_total 4",
             ] {
                 assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

@@ -64,6 +64,9 @@ pub struct Incoming {
     pub qos: u8,
     /// DUP flag: a redelivery.
     pub dup: bool,
+    /// A listen-mode device's Will, stored because its connection failed (attribute
+    /// `mqtt.will`).
+    pub will: bool,
     /// Topic.
     pub topic: String,
     /// Payload.
@@ -416,6 +419,9 @@ impl Writer {
         attrs.push(Attr { key: attr::MQTT_CLIENT.into(), value: self.conns[m.conn].client_id.clone() });
         if m.qos > 0 {
             attrs.push(Attr { key: attr::MQTT_PACKET_ID.into(), value: m.pkid.to_string() });
+        }
+        if m.will {
+            attrs.push(Attr { key: attr::MQTT_WILL.into(), value: "1".into() });
         }
         if !too_large && let Some(shaper) = self.streams[si].shaper.as_mut() {
             let shaped = shaper.handle(m.ts_ms, &m.topic, &m.payload);
@@ -968,6 +974,7 @@ fsync = "always"
             pkid,
             qos: 1,
             dup,
+            will: false,
             topic: topic.into(),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             ts_ms: 1000,
@@ -1142,6 +1149,7 @@ fsync = "always"
             pkid,
             qos: 1,
             dup,
+            will: false,
             topic: "cdr/a".into(),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             ts_ms: 1000,
@@ -1213,6 +1221,7 @@ fsync = "always"
             pkid: 0,
             qos: 0,
             dup: false,
+            will: false,
             topic: "cdr/a".into(),
             payload: Bytes::from_static(b"{}"),
             ts_ms: 0,

@@ -93,20 +93,53 @@ impl Raw {
 
     /// [`Raw::connect`] with an MQTT 5 session expiry interval, s.
     fn connect_expiring(addr: SocketAddr, v5: bool, id: &str, password: &str, clean: bool, expiry: u32) -> (Raw, Got) {
+        Raw::connect_full(addr, v5, id, password, clean, expiry, None)
+    }
+
+    /// [`Raw::connect`] with a Will: topic, payload, MQTT 5 Will Delay Interval (s).
+    fn connect_will(addr: SocketAddr, v5: bool, id: &str, will: (&str, &[u8], u32)) -> (Raw, Got) {
+        Raw::connect_full(addr, v5, id, PASSWORD, true, 600, Some(will))
+    }
+
+    fn connect_full(
+        addr: SocketAddr,
+        v5: bool,
+        id: &str,
+        password: &str,
+        clean: bool,
+        expiry: u32,
+        will: Option<(&str, &[u8], u32)>,
+    ) -> (Raw, Got) {
         let mut r = Raw::tcp(addr, v5);
         let mut out = BytesMut::new();
         if v5 {
-            use rumqttc::v5::mqttbytes::v5::{Connect, ConnectProperties, Login, Packet};
+            use rumqttc::v5::mqttbytes::QoS;
+            use rumqttc::v5::mqttbytes::v5::{Connect, ConnectProperties, LastWill, LastWillProperties, Login, Packet};
             let mut props = ConnectProperties::new();
             props.session_expiry_interval = Some(expiry);
             let c = Connect { keep_alive: 30, client_id: id.into(), clean_start: clean, properties: Some(props) };
-            Packet::Connect(c, None, Some(Login::new(USER, password))).write(&mut out, None).expect("CONNECT");
+            let will = will.map(|(topic, payload, delay)| {
+                let properties = LastWillProperties {
+                    delay_interval: Some(delay),
+                    payload_format_indicator: None,
+                    message_expiry_interval: None,
+                    content_type: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                };
+                LastWill::new(topic, payload.to_vec(), QoS::AtLeastOnce, false, Some(properties))
+            });
+            Packet::Connect(c, will, Some(Login::new(USER, password))).write(&mut out, None).expect("CONNECT");
         } else {
-            use rumqttc::mqttbytes::v4::Connect;
+            use rumqttc::mqttbytes::QoS;
+            use rumqttc::mqttbytes::v4::{Connect, LastWill};
             let mut c = Connect::new(id);
             c.clean_session = clean;
             c.keep_alive = 30;
             c.set_login(USER, password);
+            c.last_will =
+                will.map(|(topic, payload, _)| LastWill::new(topic, payload.to_vec(), QoS::AtLeastOnce, false));
             c.write(&mut out).expect("CONNECT");
         }
         r.send(&out);
@@ -136,6 +169,12 @@ impl Raw {
             p.write(&mut out).expect("PUBLISH");
         }
         self.send(&out);
+    }
+
+    /// MQTT 5 DISCONNECT with reason `code` alone (0x00 normal, 0x04 with Will), as paho and
+    /// mosquitto send it (rumqttc 0.25 writes a byte more than its remaining length says).
+    fn disconnect_v5(&mut self, code: u8) {
+        self.send(&[0xE0, 0x01, code]);
     }
 
     fn pubrel(&mut self, pkid: u16) {
@@ -228,6 +267,7 @@ fn connack_code_v5(c: rumqttc::v5::mqttbytes::v5::ConnectReturnCode) -> u8 {
         C::NotAuthorized => 0x87,
         C::QuotaExceeded => 0x97,
         C::ClientIdentifierNotValid => 0x85,
+        C::TopicNameInvalid => 0x90,
         _ => 0x80,
     }
 }
@@ -863,4 +903,77 @@ fn an_mqtt5_session_ends_after_its_expiry_interval() {
     std::thread::sleep(Duration::from_millis(300));
     let (_, ack) = Raw::connect_expiring(l, true, "brief", PASSWORD, false, 0);
     assert_eq!(ack, Got::ConnAck { code: 0, present: false }, "expiry 0: the session ends with the connection");
+}
+
+#[test]
+fn a_devices_will_is_stored_when_its_connection_fails_and_not_after_disconnect() {
+    let data = tempfile::tempdir().unwrap();
+    let l = addr();
+    let agent = Agent::start(&listen_toml(l, ""), data.path());
+    let accepted = Got::ConnAck { code: 0, present: false };
+    // 3.1.1, the socket dropped without DISCONNECT: stored.
+    let (r, ack) = Raw::connect_will(l, false, "w311", ("cdr/will", &cdr(101), 0));
+    assert_eq!(ack, accepted);
+    drop(r);
+    // MQTT 5, DISCONNECT: not stored; DISCONNECT 0x04 "with Will Message": stored.
+    let (mut r, ack) = Raw::connect_will(l, true, "w5-bye", ("cdr/will", &cdr(102), 0));
+    assert_eq!(ack, accepted);
+    r.disconnect_v5(0x00);
+    assert_eq!(r.read(Duration::from_secs(5)), Got::Closed);
+    drop(r);
+    let (mut r, _) = Raw::connect_will(l, true, "w5-bye-will", ("cdr/will", &cdr(103), 0));
+    r.disconnect_v5(0x04);
+    assert_eq!(r.read(Duration::from_secs(5)), Got::Closed);
+    drop(r);
+    // A 3 s Will delay, and the device back within it: not stored.
+    let (r, _) = Raw::connect_will(l, true, "w5-back", ("cdr/will", &cdr(104), 3));
+    drop(r);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_back, ack) = Raw::connect(l, true, "w5-back", PASSWORD, false);
+    assert_eq!(ack, Got::ConnAck { code: 0, present: true });
+    // A 1 s Will delay, and the device not back: stored after it.
+    let (r, _) = Raw::connect_will(l, true, "w5-gone", ("cdr/will", &cdr(105), 1));
+    drop(r);
+    // A Will topic with a wildcard: the CONNECT is refused (0x90), nothing stored.
+    let (_, ack) = Raw::connect_will(l, true, "w5-bad", ("cdr/+", &cdr(106), 0));
+    assert_eq!(ack, Got::ConnAck { code: 0x90, present: false });
+    // 3.1.1 has no code for it: closed without a CONNACK.
+    let (_, ack) = Raw::connect_will(l, false, "w311-bad", ("cdr/#", &cdr(106), 0));
+    assert_eq!(ack, Got::Closed);
+    // A real client: mosquitto_pub reading lines, killed with SIGKILL after its first message.
+    let port = l.port().to_string();
+    let will_body = String::from_utf8(cdr(107)).unwrap();
+    let mut client = Command::new("mosquitto_pub")
+        .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port, "-u", USER, "-P", PASSWORD, "-q", "1"])
+        .args(["-i", "pub-killed", "-t", "cdr/a", "-l", "--will-topic", "cdr/will", "--will-payload", &will_body])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed (.ci/run installs it)");
+    let mut stdin = client.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", String::from_utf8(cdr(108)).unwrap()).expect("a line to mosquitto_pub");
+    stdin.flush().expect("flush");
+    agent.wait_for("mosquitto_pub's message stored", Duration::from_secs(10), |_| {
+        stored_ids(data.path()).contains_key(&108).then_some(())
+    });
+    client.kill().expect("SIGKILL mosquitto_pub");
+    let _ = client.wait();
+
+    let ids = agent.wait_for("the four Wills due", Duration::from_secs(10), |_| {
+        let ids = stored_ids(data.path());
+        [101, 103, 105, 107].iter().all(|i| ids.contains_key(i)).then_some(ids)
+    });
+    // Past the 3 s delay of the device that came back: still not stored.
+    std::thread::sleep(Duration::from_secs(3));
+    let ids = stored_ids(data.path()).into_iter().chain(ids).collect::<HashMap<_, _>>();
+    for (id, want) in [(101, 1), (102, 0), (103, 1), (104, 0), (105, 1), (106, 0), (107, 1), (108, 1)] {
+        assert_eq!(ids.get(&id).copied().unwrap_or(0), want, "id {id}: {ids:?}");
+    }
+    // A Will is marked, and names its device.
+    let recs = read_stream(data.path(), "cdr");
+    let will = recs.iter().find(|r| id_of(&r.record.payload) == Some(101)).expect("id 101");
+    assert_eq!(will.record.attr("mqtt.will"), Some("1"));
+    assert_eq!(will.record.attr("mqtt.client"), Some("w311"));
+    let plain = recs.iter().find(|r| id_of(&r.record.payload) == Some(108)).expect("id 108");
+    assert_eq!(plain.record.attr("mqtt.will"), None);
+    assert!(agent.metrics().contains("backhaul_edge_listen_wills_total 4"), "{}", agent.metrics());
 }

@@ -106,6 +106,8 @@ pub mod attr {
     pub const MQTT_CLIENT: &str = "mqtt.client";
     /// MQTT packet id the record came with (decimal).
     pub const MQTT_PACKET_ID: &str = "mqtt.pid";
+    /// "1" on a device's Will, stored because its connection failed (listen mode).
+    pub const MQTT_WILL: &str = "mqtt.will";
     /// Site of the edge.
     pub const SITE: &str = "site";
     /// Cell the record was produced in.

@@ -167,6 +167,7 @@ macro_rules! connection_loop {
                         pkid,
                         qos,
                         dup,
+                        will: false,
                         topic,
                         payload,
                         ts_ms: now_ms(),

@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::auth::Users;
 use super::config::ListenConfig;
 use super::session::{
-    Accepted, ConnSession, ConnectRequest, Credential, Limits, Out, PublishAction, Reason, SessionStore, Version,
-    handle_connect,
+    Accepted, ConnSession, ConnectRequest, Credential, Ending, Limits, Out, PublishAction, Reason, SessionStore,
+    Version, Will, handle_connect, will_due,
 };
 use crate::metrics::ListenMetrics;
 use crate::writer::{Ack, ConnInfo, Incoming, Input};
@@ -261,7 +261,12 @@ enum In {
     Subscribe(u16, usize),
     Unsubscribe(u16, usize),
     PingReq,
-    Disconnect(Option<u32>),
+    /// DISCONNECT: the MQTT 5 session expiry it sets, and whether its reason is 0x04
+    /// "disconnect with Will Message".
+    Disconnect {
+        expiry: Option<u32>,
+        with_will: bool,
+    },
     /// A packet only a server sends, or one this agent never asked for.
     Unexpected(&'static str),
 }
@@ -292,7 +297,7 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, Decode
                 Ok(P::Subscribe(s)) => Ok(In::Subscribe(s.pkid, s.filters.len())),
                 Ok(P::Unsubscribe(u)) => Ok(In::Unsubscribe(u.pkid, u.topics.len())),
                 Ok(P::PingReq) => Ok(In::PingReq),
-                Ok(P::Disconnect) => Ok(In::Disconnect(None)),
+                Ok(P::Disconnect) => Ok(In::Disconnect { expiry: None, with_will: false }),
                 Ok(P::Connect(_)) => Ok(In::Unexpected("a second CONNECT")),
                 Ok(_) => Ok(In::Unexpected("a packet only a server sends")),
                 Err(E::InsufficientBytes(_)) => Err(DecodeError::Incomplete),
@@ -304,10 +309,16 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, Decode
             use rumqttc::v5::mqttbytes::Error as E;
             use rumqttc::v5::mqttbytes::v5::Packet as P;
             let first = buf.first().copied();
+            // A DISCONNECT of a reason code alone (remaining length 1, MQTT 5 3.14.2.2.1):
+            // rumqttc 0.25 wants a property length after it and would wait for more bytes.
+            if let [0xE0, 0x01, reason, ..] = buf[..] {
+                let _ = buf.split_to(3);
+                return Ok(In::Disconnect { expiry: None, with_will: reason == 0x04 });
+            }
             match P::read(buf, Some(u32::try_from(max).unwrap_or(u32::MAX))) {
                 // rumqttc 0.25 refuses a DISCONNECT without reason code, which MQTT 5
                 // (3.14.2.1) allows and mosquitto sends; the reader consumed it already.
-                Err(E::PayloadRequired) if first == Some(0xE0) => Ok(In::Disconnect(None)),
+                Err(E::PayloadRequired) if first == Some(0xE0) => Ok(In::Disconnect { expiry: None, with_will: false }),
                 Ok(P::Publish(p)) => Ok(In::Publish {
                     qos: p.qos as u8,
                     pkid: p.pkid,
@@ -321,7 +332,11 @@ fn decode(version: Version, buf: &mut BytesMut, max: usize) -> Result<In, Decode
                 Ok(P::Subscribe(s)) => Ok(In::Subscribe(s.pkid, s.filters.len())),
                 Ok(P::Unsubscribe(u)) => Ok(In::Unsubscribe(u.pkid, u.filters.len())),
                 Ok(P::PingReq(_)) => Ok(In::PingReq),
-                Ok(P::Disconnect(d)) => Ok(In::Disconnect(d.properties.and_then(|p| p.session_expiry_interval))),
+                Ok(P::Disconnect(d)) => Ok(In::Disconnect {
+                    with_will: d.reason_code
+                        == rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::DisconnectWithWillMessage,
+                    expiry: d.properties.and_then(|p| p.session_expiry_interval),
+                }),
                 Ok(P::Connect(..)) => Ok(In::Unexpected("a second CONNECT")),
                 Ok(P::Auth(_)) => Ok(In::Unexpected("AUTH (no enhanced authentication is offered)")),
                 Ok(_) => Ok(In::Unexpected("a packet only a server sends")),
@@ -339,14 +354,24 @@ fn decode_connect(buf: &mut BytesMut, max: usize) -> Result<In, DecodeError> {
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
     let mut probe = buf.clone();
     match P5::read(&mut probe, Some(u32::try_from(max).unwrap_or(u32::MAX))) {
-        Ok(P5::Connect(c, _will, login)) => {
+        Ok(P5::Connect(c, will, login)) => {
             *buf = probe;
+            let will = match will {
+                Some(w) => Some(Will {
+                    topic: String::from_utf8(w.topic.to_vec())
+                        .map_err(|_| DecodeError::Malformed("Will topic is not UTF-8".into()))?,
+                    payload: w.message,
+                    delay_s: w.properties.and_then(|p| p.delay_interval).unwrap_or(0),
+                }),
+                None => None,
+            };
             let req = ConnectRequest {
                 version: Version::V5,
                 client_id: c.client_id,
                 clean_start: c.clean_start,
                 keep_alive_s: c.keep_alive,
                 session_expiry_s: c.properties.and_then(|p| p.session_expiry_interval),
+                will,
             };
             Ok(In::Connect(req, login.map(|l| (l.username, Bytes::from(l.password)))))
         }
@@ -363,6 +388,7 @@ fn decode_connect(buf: &mut BytesMut, max: usize) -> Result<In, DecodeError> {
                         clean_start: c.clean_session,
                         keep_alive_s: c.keep_alive,
                         session_expiry_s: None,
+                        will: c.last_will.map(|w| Will { topic: w.topic, payload: w.message, delay_s: 0 }),
                     };
                     Ok(In::Connect(req, c.login.map(|l| (l.username, Bytes::from(l.password)))))
                 }
@@ -465,6 +491,8 @@ fn connack(version: Version, result: &Result<Accepted, Reason>, limits: &Limits,
                 Err(Reason::NotAuthorized) => (C::NotAuthorized, false),
                 Err(Reason::ClientIdentifierNotValid) => (C::BadClientId, false),
                 Err(Reason::UnsupportedProtocolVersion) => (C::RefusedProtocolVersion, false),
+                // 3.1.1 has no code for a bad Will topic: a protocol violation, closed unanswered.
+                Err(Reason::TopicNameInvalid) => return,
                 Err(_) => (C::ServiceUnavailable, false),
             };
             let _ = ConnAck::new(code, present).write(buf);
@@ -479,6 +507,7 @@ fn connack(version: Version, result: &Result<Accepted, Reason>, limits: &Limits,
                 Err(Reason::QuotaExceeded) => C::QuotaExceeded,
                 Err(Reason::UnsupportedProtocolVersion) => C::UnsupportedProtocolVersion,
                 Err(Reason::ServerShuttingDown) => C::ServerUnavailable,
+                Err(Reason::TopicNameInvalid) => C::TopicNameInvalid,
                 Err(_) => C::UnspecifiedError,
             };
             let properties = result.as_ref().ok().map(|a| ConnAckProperties {
@@ -599,9 +628,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
     let full = shared.metrics.connections() > shared.config.connections_max;
     let now = wall_ms();
     let nonce: u64 = rand::random();
+    let filters = match &cred {
+        Credential::Password { user, .. } => shared.users.publish_filters(user).map(<[String]>::to_vec),
+        _ => None,
+    };
     // Whether a session is stored is only known once the client id is; take it after the
     // decision, when the id (maybe assigned) is final.
-    let probe = handle_connect(&req, &cred, &shared.limits, full, false, nonce);
+    let probe = handle_connect(&req, &cred, &shared.limits, full, false, nonce, filters.as_deref());
     let mut out = BytesMut::new();
     let accepted = match probe {
         Err(reason) => {
@@ -629,10 +662,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
     let (present, stored) = lock(&shared.store).take(&client_id, now);
     let stored = if req.clean_start { Default::default() } else { stored };
     let accepted = Accepted { session_present: present && !req.clean_start, ..accepted };
-    let filters = match &cred {
-        Credential::Password { user, .. } => shared.users.publish_filters(user).map(<[String]>::to_vec),
-        _ => None,
-    };
     let mut session = ConnSession::new(version, shared.limits.inflight_max, stored, filters.as_deref());
     let mut session_expiry_s = accepted.session_expiry_s;
 
@@ -651,6 +680,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
     let keep_alive = Duration::from_millis(u64::from(accepted.keep_alive_s) * 1500);
     let mut shutdown = shared.shutdown.clone();
     let mut done_signal: Option<oneshot::Sender<()>> = None;
+    // How the connection ended decides whether its Will is due; failures unless said otherwise.
+    let mut ending = Ending::Failed;
     let result: Result<(), String> = 'conn: {
         if !attached {
             break 'conn Err("the writer is gone".into());
@@ -684,6 +715,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 match handle_packet(packet, &mut session, &mut session_expiry_s, conn, version, shared, &mut out).await
                 {
                     Step::Go => continue,
+                    Step::Disconnect { with_will } => {
+                        ending = Ending::Disconnect { with_will };
+                        break 'conn Ok(());
+                    }
                     Step::Stop(r) => break 'conn r,
                 }
             }
@@ -708,6 +743,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                     let Some(ack) = ack else {
                         // The writer stopped (shutdown) after releasing its last acks.
                         close_with(version, Reason::ServerShuttingDown, &mut out);
+                        ending = Ending::Shutdown;
                         break 'conn Ok(());
                     };
                     push_ack(&mut session, ack, version, &shared.metrics, &mut out);
@@ -723,6 +759,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                 kicked = &mut kick_rx => {
                     done_signal = kicked.ok();
                     close_with(version, Reason::SessionTakenOver, &mut out);
+                    ending = Ending::TakenOver;
                     break 'conn Ok(());
                 }
                 _ = shutdown.wait_for(|s| *s) => {
@@ -731,6 +768,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
                         push_ack(&mut session, ack, version, &shared.metrics, &mut out);
                     }
                     close_with(version, Reason::ServerShuttingDown, &mut out);
+                    ending = Ending::Shutdown;
                     break 'conn Ok(());
                 }
             }
@@ -741,6 +779,24 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     linger(&mut rd).await;
+    if attached && let Some(will) = will_due(req.will, ending, session_expiry_s) {
+        // A delayed Will waits with the connection's slot still attached (its client id
+        // names the record); a new connection of the device takes the session over and
+        // cancels it, as does a shutdown.
+        let delay = Duration::from_secs(u64::from(will.delay_s));
+        let store = delay.is_zero()
+            || tokio::select! {
+                _ = tokio::time::sleep(delay) => true,
+                kicked = &mut kick_rx => {
+                    done_signal = kicked.ok();
+                    false
+                }
+                _ = shutdown.wait_for(|s| *s) => false,
+            };
+        if store {
+            store_will(conn, will, shared).await;
+        }
+    }
     let _ = shared.writer.send(Input::Detach { conn }).await;
     lock(&shared.slots).free.push(conn - shared.conn_base);
     {
@@ -754,6 +810,24 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, has_cert: bool, sha
         let _ = done.send(());
     }
     result
+}
+
+/// Hands a device's Will to the writer as a QoS 0 PUBLISH of its connection `conn`.
+async fn store_will(conn: usize, will: Will, shared: &Shared) {
+    let msg = Incoming {
+        conn,
+        pkid: 0,
+        qos: 0,
+        dup: false,
+        will: true,
+        topic: will.topic,
+        payload: will.payload,
+        ts_ms: wall_ms() as i64,
+        received_us: shared.epoch.elapsed().as_micros() as u64,
+    };
+    if shared.writer.send(Input::Publish(msg)).await.is_ok() {
+        shared.metrics.add_will();
+    }
 }
 
 /// After our FIN, reads and drops what the device still sends, briefly: closing a socket
@@ -774,6 +848,10 @@ async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
 
 enum Step {
     Go,
+    /// The device sent DISCONNECT (`with_will`: MQTT 5 reason 0x04).
+    Disconnect {
+        with_will: bool,
+    },
     Stop(Result<(), String>),
 }
 
@@ -798,6 +876,7 @@ async fn handle_packet(
                     pkid,
                     qos,
                     dup,
+                    will: false,
                     topic,
                     payload,
                     ts_ms: wall_ms() as i64,
@@ -844,11 +923,11 @@ async fn handle_packet(
             encode(version, Out::PingResp, out);
             Step::Go
         }
-        In::Disconnect(expiry) => {
+        In::Disconnect { expiry, with_will } => {
             if let Some(e) = expiry {
                 *session_expiry_s = e.min(shared.limits.session_expiry_max_s);
             }
-            Step::Stop(Ok(()))
+            Step::Disconnect { with_will }
         }
         In::Connect(..) | In::Unexpected(_) => {
             let what = if let In::Unexpected(w) = packet { w } else { "CONNECT" };

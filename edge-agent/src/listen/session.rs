@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use bytes::Bytes;
+
 use crate::ingest::session::Outcome;
 use crate::route::Router;
 
@@ -123,6 +125,66 @@ pub struct ConnectRequest {
     pub keep_alive_s: u16,
     /// MQTT 5 session expiry interval, s (absent: 0).
     pub session_expiry_s: Option<u32>,
+    /// The Will, if the CONNECT carries one.
+    pub will: Option<Will>,
+}
+
+/// A CONNECT's Will message. The agent is not a broker: when the connection ends without a
+/// DISCONNECT (MQTT 3.1.1 3.1.2.5, 5 3.1.3.2), the Will is stored as a PUBLISH of the device
+/// would be, routed by its topic, so a device's going away reaches the core as a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Will {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// MQTT 5 Will Delay Interval, s (3.1.1: 0): stored only if the device has not
+    /// reconnected by then (nor its session ended first).
+    pub delay_s: u32,
+}
+
+/// Whether the device ends its connection so that its Will is due (MQTT 5 3.1.2.5): not after
+/// a DISCONNECT (unless with reason 0x04), nor when the agent shuts down; when a new connection
+/// takes the session over, only a Will without delay (the session goes on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// DISCONNECT; `with_will`: MQTT 5 reason 0x04 "disconnect with Will Message".
+    Disconnect {
+        /// Reason 0x04.
+        with_will: bool,
+    },
+    /// A new connection with the same client id took the session over.
+    TakenOver,
+    /// The agent is shutting down.
+    Shutdown,
+    /// Anything else: closed without DISCONNECT, I/O error, keep-alive timeout, protocol error.
+    Failed,
+}
+
+/// The Will to store, and after how long, once a connection ended as `ending`.
+pub fn will_due(will: Option<Will>, ending: Ending, session_expiry_s: u32) -> Option<Will> {
+    let will = will?;
+    let due = match ending {
+        Ending::Disconnect { with_will } => with_will,
+        Ending::TakenOver => will.delay_s == 0,
+        Ending::Shutdown => false,
+        Ending::Failed => true,
+    };
+    // The delay ends with the session at the latest (MQTT 5 3.1.3.2.2).
+    due.then(|| Will { delay_s: will.delay_s.min(session_expiry_s), ..will })
+}
+
+/// The user's publish filters as a router; `None`: any topic.
+fn publish_acl(publish_filters: Option<&[String]>) -> Option<Router> {
+    publish_filters.map(|f| {
+        let rules: Vec<(String, usize)> = f.iter().map(|f| (f.clone(), 0)).collect();
+        Router::new(&rules, None)
+    })
+}
+
+/// Whether `topic` names a topic a PUBLISH may go to (no wildcards, not empty).
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
 }
 
 /// An accepted CONNECT: what the CONNACK says and how the connection runs.
@@ -142,6 +204,7 @@ pub struct Accepted {
 
 /// Decides a CONNECT. `stored`: a session kept for this client id (from an earlier
 /// connection, or known from the log after a restart). `nonce` names an assigned client id.
+/// `publish_filters`: the user's (`None`: any topic); a Will must go to one of them.
 pub fn handle_connect(
     req: &ConnectRequest,
     cred: &Credential,
@@ -149,6 +212,7 @@ pub fn handle_connect(
     connections_full: bool,
     stored: bool,
     nonce: u64,
+    publish_filters: Option<&[String]>,
 ) -> Result<Accepted, Reason> {
     match cred {
         Credential::Password { ok: false, .. } => return Err(Reason::BadUserNameOrPassword),
@@ -169,6 +233,14 @@ pub fn handle_connect(
     };
     if client_id.len() > 256 || client_id.chars().any(char::is_control) {
         return Err(Reason::ClientIdentifierNotValid);
+    }
+    if let Some(will) = &req.will {
+        if !valid_topic(&will.topic) {
+            return Err(Reason::TopicNameInvalid);
+        }
+        if publish_acl(publish_filters).is_some_and(|acl| acl.route(&will.topic).is_none()) {
+            return Err(Reason::NotAuthorized);
+        }
     }
     let keep_alive_s = match req.keep_alive_s {
         0 => limits.keep_alive_max_s,
@@ -238,10 +310,7 @@ impl ConnSession {
     /// A connection of `version` resuming `stored` (empty on a clean start), publishing only
     /// to `publish_filters` when given (checked filters).
     pub fn new(version: Version, inflight_max: u16, stored: Stored, publish_filters: Option<&[String]>) -> Self {
-        let publish_acl = publish_filters.map(|f| {
-            let rules: Vec<(String, usize)> = f.iter().map(|f| (f.clone(), 0)).collect();
-            Router::new(&rules, None)
-        });
+        let publish_acl = publish_acl(publish_filters);
         ConnSession { version, inflight_max, inflight: HashMap::new(), qos2_held: stored.qos2_held, publish_acl }
     }
 
@@ -411,7 +480,14 @@ mod tests {
     }
 
     fn req(version: Version, client_id: &str, clean_start: bool) -> ConnectRequest {
-        ConnectRequest { version, client_id: client_id.into(), clean_start, keep_alive_s: 0, session_expiry_s: None }
+        ConnectRequest {
+            version,
+            client_id: client_id.into(),
+            clean_start,
+            keep_alive_s: 0,
+            session_expiry_s: None,
+            will: None,
+        }
     }
 
     fn pw(ok: bool) -> Credential {
@@ -422,16 +498,65 @@ mod tests {
     fn connect_refusals_carry_their_reason() {
         let l = limits();
         let r = req(Version::V5, "d1", true);
-        assert_eq!(handle_connect(&r, &pw(false), &l, false, false, 1), Err(Reason::BadUserNameOrPassword));
-        assert_eq!(handle_connect(&r, &Credential::None, &l, false, false, 1), Err(Reason::NotAuthorized));
-        assert_eq!(handle_connect(&r, &pw(true), &l, true, false, 1), Err(Reason::QuotaExceeded));
+        assert_eq!(handle_connect(&r, &pw(false), &l, false, false, 1, None), Err(Reason::BadUserNameOrPassword));
+        assert_eq!(handle_connect(&r, &Credential::None, &l, false, false, 1, None), Err(Reason::NotAuthorized));
+        assert_eq!(handle_connect(&r, &pw(true), &l, true, false, 1, None), Err(Reason::QuotaExceeded));
         let anon = Limits { allow_anonymous: true, ..limits() };
-        assert!(handle_connect(&r, &Credential::None, &anon, false, false, 1).is_ok());
-        assert!(handle_connect(&r, &Credential::Certificate, &l, false, false, 1).is_ok());
+        assert!(handle_connect(&r, &Credential::None, &anon, false, false, 1, None).is_ok());
+        assert!(handle_connect(&r, &Credential::Certificate, &l, false, false, 1, None).is_ok());
         let bad_id = req(Version::V5, "a\nb", true);
-        assert_eq!(handle_connect(&bad_id, &pw(true), &l, false, false, 1), Err(Reason::ClientIdentifierNotValid));
+        assert_eq!(
+            handle_connect(&bad_id, &pw(true), &l, false, false, 1, None),
+            Err(Reason::ClientIdentifierNotValid)
+        );
         let no_id_311 = req(Version::V311, "", false);
-        assert_eq!(handle_connect(&no_id_311, &pw(true), &l, false, false, 1), Err(Reason::ClientIdentifierNotValid));
+        assert_eq!(
+            handle_connect(&no_id_311, &pw(true), &l, false, false, 1, None),
+            Err(Reason::ClientIdentifierNotValid)
+        );
+    }
+
+    #[test]
+    fn a_will_must_name_a_topic_the_user_may_publish_to() {
+        let l = limits();
+        let with_will = |topic: &str| ConnectRequest {
+            will: Some(Will { topic: topic.into(), payload: Bytes::from_static(b"gone"), delay_s: 0 }),
+            ..req(Version::V5, "d", true)
+        };
+        let filters = ["cdr/#".to_string()];
+        assert!(
+            handle_connect(&with_will("cdr/site-1/status"), &pw(true), &l, false, false, 0, Some(&filters)).is_ok()
+        );
+        assert!(handle_connect(&with_will("other/x"), &pw(true), &l, false, false, 0, None).is_ok(), "no filters: any");
+        for (topic, reason) in [
+            ("other/x", Reason::NotAuthorized),
+            ("cdr/+", Reason::TopicNameInvalid),
+            ("cdr/#", Reason::TopicNameInvalid),
+            ("", Reason::TopicNameInvalid),
+        ] {
+            assert_eq!(
+                handle_connect(&with_will(topic), &pw(true), &l, false, false, 0, Some(&filters)),
+                Err(reason),
+                "{topic:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_will_is_due_when_the_connection_fails_not_after_disconnect() {
+        let will = |delay_s| Some(Will { topic: "cdr/s".into(), payload: Bytes::from_static(b"x"), delay_s });
+        let due = |w, e, expiry| will_due(w, e, expiry).map(|w: Will| w.delay_s);
+        assert_eq!(due(will(0), Ending::Failed, 0), Some(0));
+        assert_eq!(due(will(0), Ending::Disconnect { with_will: false }, 0), None);
+        assert_eq!(due(will(0), Ending::Disconnect { with_will: true }, 0), Some(0));
+        assert_eq!(due(will(0), Ending::Shutdown, 0), None);
+        // Taken over: the session goes on, so a delayed Will is not due; one without delay is.
+        assert_eq!(due(will(0), Ending::TakenOver, 600), Some(0));
+        assert_eq!(due(will(30), Ending::TakenOver, 600), None);
+        // The delay ends with the session at the latest.
+        assert_eq!(due(will(30), Ending::Failed, 600), Some(30));
+        assert_eq!(due(will(30), Ending::Failed, 5), Some(5));
+        assert_eq!(due(None, Ending::Failed, 5), None);
     }
 
     #[test]
@@ -440,15 +565,15 @@ mod tests {
         let mut r = req(Version::V5, "", false);
         r.keep_alive_s = 600;
         r.session_expiry_s = Some(86_400);
-        let a = handle_connect(&r, &pw(true), &l, false, true, 0xab).unwrap();
+        let a = handle_connect(&r, &pw(true), &l, false, true, 0xab, None).unwrap();
         assert_eq!(a.client_id, "auto-00000000000000ab");
         assert!(a.assigned);
         assert!(a.session_present);
         assert_eq!((a.keep_alive_s, a.session_expiry_s), (60, 3600));
-        let a = handle_connect(&req(Version::V311, "d", true), &pw(true), &l, false, true, 0).unwrap();
+        let a = handle_connect(&req(Version::V311, "d", true), &pw(true), &l, false, true, 0, None).unwrap();
         assert!(!a.session_present, "clean start discards the stored session");
         assert_eq!((a.keep_alive_s, a.session_expiry_s), (60, 0), "no keep-alive asked: the maximum");
-        let a = handle_connect(&req(Version::V311, "d", false), &pw(true), &l, false, false, 0).unwrap();
+        let a = handle_connect(&req(Version::V311, "d", false), &pw(true), &l, false, false, 0, None).unwrap();
         assert_eq!(a.session_expiry_s, 3600, "3.1.1 persistent sessions last session_expiry_max");
     }
 

@@ -8,7 +8,7 @@
 //! A piece shares the whole receive buffer it came from (quinn copies each batch of received
 //! datagrams into one allocation of up to 64 KiB). So that a peer sending tiny pieces cannot
 //! pin a receive buffer per byte, at most `pieces_max` pieces are held as they came: past that,
-//! what arrives is copied into a buffer of our own (each byte once) until it has all been taken.
+//! what arrives is copied into a buffer of our own until everything held has been taken.
 
 use std::collections::VecDeque;
 
@@ -23,7 +23,7 @@ const BATCH_TYPE: u8 = 4;
 /// pieces) stays in pieces; at most 16 MiB of receive buffers pinned per stream.
 pub const PIECES_MAX: usize = 256;
 
-/// What [`FrameParts::next`] takes out.
+/// What [`FrameParts::take_frame`] takes out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Parted {
     /// A BATCH frame's body, as the pieces that carried it, in order (not joined).

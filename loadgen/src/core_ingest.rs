@@ -168,6 +168,7 @@ pub async fn run(args: CoreIngestArgs) -> anyhow::Result<Vec<String>> {
             core_cpu: clock.cpu_seconds(Some(core_pid))?,
             loadgen_cpu: clock.cpu_seconds(None)?,
             machine_cpu: process::machine_busy_seconds(clock)?,
+            steal: process::machine_steal_seconds(clock)?,
             core: m,
             edges: counters.totals(),
         })
@@ -509,6 +510,7 @@ struct Sample {
     core_cpu: f64,
     loadgen_cpu: f64,
     machine_cpu: f64,
+    steal: f64,
     core: CoreMetrics,
     edges: EdgeTotals,
 }
@@ -532,6 +534,8 @@ pub struct Window {
     pub loadgen_cpu_seconds: f64,
     /// Busy CPU seconds of the whole machine in it.
     pub machine_cpu_seconds: f64,
+    /// CPU seconds the hypervisor gave other guests in it (steal; counted in the machine's).
+    pub steal_seconds: f64,
     /// Datagrams the kernel dropped at the core's UDP socket (receive buffer full) in it.
     pub core_udp_drops: u64,
     /// UDP datagrams received on the whole machine in it (both directions are loopback).
@@ -555,6 +559,7 @@ impl Window {
             core_cpu_seconds: b.core_cpu - a.core_cpu,
             loadgen_cpu_seconds: b.loadgen_cpu - a.loadgen_cpu,
             machine_cpu_seconds: b.machine_cpu - a.machine_cpu,
+            steal_seconds: b.steal - a.steal,
             core_udp_drops: b.core_udp_drops.saturating_sub(a.core_udp_drops),
             udp_in: b.udp.0.saturating_sub(a.udp.0),
             udp_rcvbuf_errors: b.udp.1.saturating_sub(a.udp.1),
@@ -763,6 +768,7 @@ impl Report {
                 format!("{:.2} ({:.2})", w.loadgen_cpu_seconds, w.loadgen_cpu_seconds / w.seconds),
             ),
             ("CPU s, other processes (machine busy − the above)", format!("{other:.2}")),
+            ("CPU s stolen by the hypervisor (steal; within the above)", format!("{:.2}", w.steal_seconds)),
             (
                 "kernel share of CPU time: core-ingest / loadgen",
                 format!("{:.0}% / {:.0}%", w.core_system_share * 100.0, w.loadgen_system_share * 100.0),
@@ -863,7 +869,7 @@ impl Report {
             out,
             "RESULT edges={} sent={} acked={} stored={} duplicates={} conflicts={} refused={} verified_batches={} \
              verified_records={} acked_records={} core_exit={} log_verify_exit={} batches_per_s={:.0} wire_mb_per_s={:.2} \
-             core_cpu_s_per_gb={cpu:.4} batches_per_round={:.2} disk_ratio={:.4}{quinn_fields}",
+             core_cpu_s_per_gb={cpu:.4} batches_per_round={:.2} disk_ratio={:.4} steal_s={:.2}{quinn_fields}",
             self.edges,
             self.total.sent_batches,
             self.total.acked_batches,
@@ -880,6 +886,7 @@ impl Report {
             mb_s(e.acked_bytes),
             div(w.batches_stored, w.group_commits),
             self.disk_ratio(),
+            w.steal_seconds,
         );
         out
     }
@@ -933,6 +940,7 @@ mod tests {
                 core_cpu_seconds: 0.016,
                 loadgen_cpu_seconds: 0.5,
                 machine_cpu_seconds: 0.6,
+                steal_seconds: 0.05,
                 core_udp_drops: 0,
                 udp_in: 5000,
                 udp_rcvbuf_errors: 0,
@@ -983,6 +991,8 @@ mod tests {
         assert!(text.contains("target ≤ 1.3: met"), "{text}");
         assert!(text.contains("| batches/s acked durable | 500 |"), "{text}");
         assert!(text.contains("| rounds/s; batches per round | 50; 10.0 |"), "{text}");
+        assert!(text.contains("| CPU s stolen by the hypervisor (steal; within the above) | 0.05 |"), "{text}");
+        assert!(text.contains(" steal_s=0.05 "), "{text}");
         assert!(
             text.contains("RESULT edges=10 sent=1000 acked=1000 stored=1000 duplicates=0 conflicts=0 refused=0"),
             "{text}"
@@ -1006,7 +1016,7 @@ mod tests {
         assert_eq!(r.core_to_quinn_cpu_ratio(), None);
         let text = r.render();
         assert!(!text.contains("quinn"), "{text}");
-        assert!(text.contains("disk_ratio=0.5000\n"), "{text}");
+        assert!(text.contains("disk_ratio=0.5000 steal_s=0.05\n"), "{text}");
     }
 
     #[test]

@@ -201,12 +201,24 @@ pub fn machine_busy_seconds(clock: CpuClock) -> anyhow::Result<f64> {
     Ok(ticks as f64 / clock.ticks_per_second as f64)
 }
 
-fn machine_busy_ticks(stat: &str) -> Option<u64> {
+/// CPU seconds the hypervisor gave other guests while this machine wanted them (steal, from
+/// `/proc/stat`; part of [`machine_busy_seconds`]): on a shared VM, the run's noise.
+pub fn machine_steal_seconds(clock: CpuClock) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = machine_cpu_field(&stat, 7).context("parsing the cpu line of /proc/stat")?;
+    Ok(ticks as f64 / clock.ticks_per_second as f64)
+}
+
+/// Field `i` (0: user) of the `cpu` line of `/proc/stat`; 0 when the kernel has fewer.
+fn machine_cpu_field(stat: &str, i: usize) -> Option<u64> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line.split_ascii_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    (v.len() >= 4).then(|| v.get(i).copied().unwrap_or(0))
+}
+
+fn machine_busy_ticks(stat: &str) -> Option<u64> {
     // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
-    let field = |i: usize| v.get(i).copied().unwrap_or(0);
-    (v.len() >= 4).then(|| field(0) + field(1) + field(2) + field(5) + field(6) + field(7))
+    [0, 1, 2, 5, 6, 7].into_iter().map(|i| machine_cpu_field(stat, i)).sum()
 }
 
 /// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
@@ -236,6 +248,8 @@ mod tests {
         let stat = "cpu  100 2 30 5000 40 5 6 7 0 0\ncpu0 50 1 15 2500 20 2 3 3 0 0\nintr 1\n";
         assert_eq!(machine_busy_ticks(stat), Some(150));
         assert_eq!(machine_busy_ticks("cpu0 1 2 3 4\n"), None);
+        assert_eq!(machine_cpu_field(stat, 7), Some(7), "steal");
+        assert_eq!(machine_cpu_field("cpu  1 2 3 4\n", 7), Some(0), "an old kernel without steal");
     }
 
     #[test]

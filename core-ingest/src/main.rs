@@ -21,7 +21,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(&cli.command)));
-    let _ = tracing_subscriber::fmt().with_writer(io::stderr).with_env_filter(filter).try_init();
+    // A log line that cannot be written (stderr on a full disk) is lost, not the node:
+    // tracing-subscriber would report the failure with `eprintln!`, which panics.
+    let _ =
+        tracing_subscriber::fmt().with_writer(io::stderr).with_env_filter(filter).log_internal_errors(false).try_init();
     if let Command::Log(command) = &cli.command {
         return run_log_command(command);
     }

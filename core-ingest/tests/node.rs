@@ -111,7 +111,13 @@ impl Node {
 
     /// Starts the node and waits until `/readyz` answers 200.
     async fn start(&mut self) {
+        self.start_logging_to(None).await;
+    }
+
+    /// [`Node::start`] with stderr going to `file` instead of [`Node::stderr`].
+    async fn start_logging_to(&mut self, file: Option<std::fs::File>) {
         assert!(self.child.is_none(), "already running");
+        let to_file = file.is_some();
         let mut child = Command::new(BIN)
             .arg("run")
             .arg("--config")
@@ -119,18 +125,20 @@ impl Node {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(file.map_or_else(Stdio::piped, Stdio::from))
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = self.stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = log.lock().unwrap();
-                log.push_str(&strip_ansi(&line));
-                log.push('\n');
-            }
-        });
+        if !to_file {
+            let stderr = child.stderr.take().unwrap();
+            let log = self.stderr.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&strip_ansi(&line));
+                    log.push('\n');
+                }
+            });
+        }
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
         loop {
@@ -504,6 +512,28 @@ fn edge_line(edge: &str, epoch: u64, held: &str) -> String {
 }
 
 // ---- tests ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_loses_lines_not_the_node() {
+    // stderr on a full disk: every write to /dev/full fails with ENOSPC. The node must still
+    // store and acknowledge (tracing-subscriber's own report of a failed write panicked).
+    const EPOCH: u64 = 0x0bad_0d15_c0ff_ee00;
+    let mut node = Node::new("");
+    node.start_logging_to(Some(std::fs::File::create("/dev/full").unwrap())).await;
+    let edge = node.pki.edge("edge-a");
+    let ep = client_endpoint();
+    let conn = connect(&ep, node.listen, &edge).await.unwrap();
+    hello(&conn, &edge.id, EPOCH, 0).await.unwrap();
+    let mut d = DataStream::open(&conn).await.unwrap();
+    for k in 0..5 {
+        d.batch(batch(&edge.id, EPOCH, k)).await.unwrap();
+        assert_eq!(d.ack().await.unwrap(), seqs(k));
+    }
+    conn.close(VarInt::from(0u32), b"done");
+    let status = node.stop().await;
+    assert!(status.success(), "SIGTERM with an unwritable log: {status}");
+    assert_eq!(node.dump().len(), 50);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_acked_after_fsync_and_stored_once() {

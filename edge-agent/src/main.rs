@@ -26,9 +26,12 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<Outcome> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(&cli.command)));
+    // A log line that cannot be written (stderr on a full disk) is lost, not the agent:
+    // tracing-subscriber would report the failure with `eprintln!`, which panics.
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .try_init()
         .map_err(|e| anyhow::anyhow!(e))
         .context("starting tracing")?;

@@ -977,3 +977,45 @@ fn a_devices_will_is_stored_when_its_connection_fails_and_not_after_disconnect()
     assert_eq!(plain.record.attr("mqtt.will"), None);
     assert!(agent.metrics().contains("backhaul_edge_listen_wills_total 4"), "{}", agent.metrics());
 }
+
+#[test]
+fn a_log_that_cannot_be_written_loses_lines_not_the_agent() {
+    // stderr on a full disk: every write to /dev/full fails with ENOSPC. The agent must still
+    // take and acknowledge (tracing-subscriber's own report of a failed write panicked).
+    let data = tempfile::tempdir().unwrap();
+    let (l, admin) = (addr(), addr());
+    let config = format!(
+        "edge_id = \"edge-test\"\ndata_dir = \"{}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{}",
+        data.path().display(),
+        listen_toml(l, "")
+    );
+    let config_path = data.path().join("edge-agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut agent = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create("/dev/full").unwrap())
+        .spawn()
+        .expect("spawning edge-agent");
+    common::wait_for("the agent's /readyz", Duration::from_secs(10), String::new, || {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!("edge-agent exited with {status} while its log could not be written");
+        }
+        common::http_get(admin, "/readyz").filter(|(code, _)| *code == 200)
+    });
+    let body = String::from_utf8(cdr(1)).unwrap();
+    let port = l.port().to_string();
+    let args =
+        ["-h", "127.0.0.1", "-p", &port, "-u", USER, "-P", PASSWORD, "-q", "1", "-t", "cdr/a", "-m", &body, "-d"];
+    let o = mosquitto_pub(&args);
+    assert!(o.status.success() && text(&o).contains("received PUBACK"), "{}", text(&o));
+    let sent = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let status =
+        common::wait_for("the agent to exit", Duration::from_secs(10), String::new, || agent.try_wait().unwrap());
+    assert!(status.success(), "SIGTERM with an unwritable log: {status}");
+    assert_eq!(stored_ids(data.path()).get(&1), Some(&1));
+}
